@@ -1,0 +1,1 @@
+"""Conversion of official PyTorch checkpoints to deris-jax parameters, without torch."""

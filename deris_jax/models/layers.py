@@ -1,0 +1,213 @@
+"""Building blocks shared by every DeRIS module, with PyTorch numerics and initialisers.
+
+Conventions (see ../shared/design/README.md):
+- Parameters are float32; `dtype` is the compute dtype of matmuls and convolutions.
+- Norms and softmax run in float32 and return the input dtype.
+- Sub-module names follow the official PyTorch keys (`in_proj`, `out_proj`, `layers`), so
+  `deris_jax.convert` maps checkpoints with a small table of name rules.
+- Stochastic layers (dropout, drop path) take `rngs` at call time and are active only when
+  `train=True`; the model itself holds no RNG state.
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+init = nnx.initializers
+
+# Initialisers named after the PyTorch code that the official model runs.
+KERNEL_INITS = {
+    # nn.Linear / nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..).
+    "torch": init.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+    "xavier": init.xavier_uniform(),
+    # fvcore c2_xavier_fill: kaiming_uniform(a=1) = U(-sqrt(3/fan_in), ..).
+    "c2_xavier": init.variance_scaling(1.0, "fan_in", "uniform"),
+    "trunc02": init.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0),
+    "zeros": init.zeros,
+}
+
+
+def _torch_bias_init(fan_in: int):
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def init_fn(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init_fn
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+           use_bias: bool = True, kernel_init: str = "torch", bias_init: str = "torch") -> nnx.Linear:
+  """A Dense layer; `kernel_init`/`bias_init` name the PyTorch initialiser to imitate."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=KERNEL_INITS[kernel_init],
+      bias_init=_torch_bias_init(in_features) if bias_init == "torch" else init.zeros,
+      rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
+         stride: int = 1, padding: int = 0, dtype: Dtype = jnp.float32, use_bias: bool = True,
+         kernel_init: str = "torch", bias_init: str = "torch") -> nnx.Conv:
+  """An NHWC convolution with PyTorch-style symmetric zero padding."""
+  fan_in = in_features * kernel_size * kernel_size
+  return nnx.Conv(
+      in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
+      padding=[(padding, padding), (padding, padding)], use_bias=use_bias, dtype=dtype,
+      param_dtype=jnp.float32, kernel_init=KERNEL_INITS[kernel_init],
+      bias_init=_torch_bias_init(fan_in) if bias_init == "torch" else init.zeros, rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis (PyTorch eps 1e-5), computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm on NHWC maps (PyTorch `nn.GroupNorm(groups, C)`, eps 1e-5), in float32."""
+
+  def __init__(self, num_groups: int, dim: int, *, eps: float = 1e-5):
+    if dim % num_groups:
+      raise ValueError(f"GroupNorm: {dim} channels do not split into {num_groups} groups")
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.num_groups = num_groups
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
+    mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, *, train: bool, rngs: Optional[nnx.Rngs]) -> jax.Array:
+  """Inverted dropout, active only in training with rate > 0."""
+  if not train or rate <= 0.0:
+    return x
+  if rngs is None:
+    raise ValueError("dropout in training needs `rngs` with a 'dropout' stream")
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def drop_path(x: jax.Array, rate: float, *, train: bool, rngs: Optional[nnx.Rngs]) -> jax.Array:
+  """Stochastic depth (timm `DropPath`): drops the whole residual branch per sample."""
+  if not train or rate <= 0.0:
+    return x
+  if rngs is None:
+    raise ValueError("drop path in training needs `rngs` with a 'dropout' stream")
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
+                          scale: Optional[float] = None, dropout_rate: float = 0.0,
+                          train: bool = False, rngs: Optional[nnx.Rngs] = None) -> jax.Array:
+  """Softmax attention as PyTorch computes it (q scaled first, softmax in float32).
+
+  Args:
+    q: (B, Lq, H, D); k, v: (B, Lk, H, D).
+    mask: bool, True = blocked, broadcastable to (B, H, Lq, Lk).
+    bias: additive, broadcastable to (B, H, Lq, Lk).
+  Returns:
+    (B, Lq, H, D) in v.dtype.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  q = q * jnp.asarray(scale, q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, H, Lq, Lk)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, jnp.finfo(jnp.float32).min, logits)
+  weights = jax.nn.softmax(logits, axis=-1)
+  weights = dropout(weights, dropout_rate, train=train, rngs=rngs)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # (B, Lq, H, D)
+
+
+class MultiheadAttention(nnx.Module):
+  """`torch.nn.MultiheadAttention` (packed q/k/v `in_proj`, `out_proj`), batch-first API."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+               dropout_rate: float = 0.0, kernel_init: str = "xavier"):
+    if dim % num_heads:
+      raise ValueError(f"MultiheadAttention: dim {dim} not divisible by {num_heads} heads")
+    # PyTorch: in_proj_weight xavier_uniform over the packed (3C, C) matrix, biases 0.
+    packed_xavier = init.variance_scaling(1.0, "fan_avg", "uniform")
+    self.in_proj = nnx.Linear(
+        dim, 3 * dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        kernel_init=packed_xavier if kernel_init == "xavier" else KERNEL_INITS[kernel_init],
+        bias_init=init.zeros)
+    self.out_proj = linear(dim, dim, rngs=rngs, dtype=dtype, kernel_init=kernel_init,
+                           bias_init="zeros")
+    self.num_heads = num_heads
+    self.dim = dim
+    self.dropout_rate = dropout_rate
+    self.dtype = dtype
+
+  def _project(self, x: jax.Array, part: int) -> jax.Array:
+    c = self.dim
+    kernel = self.in_proj.kernel[:, part * c:(part + 1) * c].astype(self.dtype)
+    bias = self.in_proj.bias[part * c:(part + 1) * c].astype(self.dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel) + bias  # (B, L, C)
+    return y.reshape(y.shape[:-1] + (self.num_heads, c // self.num_heads))
+
+  def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *,
+               mask: Optional[jax.Array] = None, train: bool = False,
+               rngs: Optional[nnx.Rngs] = None) -> jax.Array:
+    """query (B, Lq, C), key/value (B, Lk, C); mask True = blocked, (B|1, H|1, Lq, Lk)."""
+    q = self._project(query, 0)
+    k = self._project(key, 1)
+    v = self._project(value, 2)
+    out = dot_product_attention(q, k, v, mask=mask, dropout_rate=self.dropout_rate, train=train,
+                                rngs=rngs)  # (B, Lq, H, D)
+    return self.out_proj(out.reshape(out.shape[:2] + (self.dim,)))
+
+
+class MLP(nnx.Module):
+  """Mask2Former `MLP`: `num_layers` Linear layers with ReLU between them."""
+
+  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *,
+               rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    self.layers = nnx.List([linear(a, b, rngs=rngs, dtype=dtype)
+                            for a, b in zip(dims[:-1], dims[1:])])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = jax.nn.relu(x)
+    return x
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as `nn.GELU()` / `F.gelu` default."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def tap(taps: Optional[dict], name: str, value: jax.Array) -> None:
+  """Records an intermediate under its fixture name when `taps` is a dict (parity checks).
+
+  Names follow ../shared/fixtures/deris_tiny/README.md; maps are stored in our layout (NHWC).
+  With `taps=None` (training, inference) this does nothing and costs nothing.
+  """
+  if taps is not None:
+    taps[name] = value

@@ -1,0 +1,1 @@
+"""Array operations with PyTorch semantics, shared by the model, losses and inference."""

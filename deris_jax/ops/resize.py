@@ -1,0 +1,73 @@
+"""Bilinear resizing and average pooling with exact PyTorch `F.interpolate` semantics.
+
+`jax.image.resize` antialiases when it downsamples, which PyTorch's bilinear mode does not,
+so the official numbers cannot be reproduced with it. Here a resize along one axis is a
+product with a small (out, in) interpolation matrix built in numpy at trace time: exact,
+static in shape, and a matmul on accelerators.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def interpolation_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """(out_size, in_size) weights of PyTorch's 1-D linear interpolation."""
+  if in_size <= 0 or out_size <= 0:
+    raise ValueError(f"sizes must be positive, got in={in_size} out={out_size}")
+  dst = np.arange(out_size, dtype=np.float64)
+  if align_corners:
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    src = dst * scale
+  else:
+    src = (dst + 0.5) * (in_size / out_size) - 0.5
+    src = np.maximum(src, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  weights = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(weights, (rows, lo), 1.0 - frac)
+  np.add.at(weights, (rows, hi), frac)
+  return weights.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], *, align_corners: bool,
+                    axes: Sequence[int] = (-2, -1)) -> jax.Array:
+  """Resizes the two spatial `axes` of `x` to `size` like `F.interpolate(mode='bilinear')`.
+
+  Args:
+    x: any array; `axes` name its height and width axes (default: the last two, as in
+      (B, N, H, W) mask logits). Use axes=(1, 2) for NHWC feature maps.
+    size: (out_h, out_w).
+    align_corners: PyTorch's flag.
+  Returns:
+    The resized array, in x.dtype (computed in float32).
+  """
+  ax_h, ax_w = (a % x.ndim for a in axes)
+  out_h, out_w = size
+  in_h, in_w = x.shape[ax_h], x.shape[ax_w]
+  y = x.astype(jnp.float32)
+  if (in_h, in_w) != (out_h, out_w):
+    wh = jnp.asarray(interpolation_matrix(in_h, out_h, align_corners))  # (out_h, in_h)
+    ww = jnp.asarray(interpolation_matrix(in_w, out_w, align_corners))  # (out_w, in_w)
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.moveaxis(jnp.tensordot(y, wh, axes=((ax_h,), (1,)), precision=hi), -1, ax_h)
+    y = jnp.moveaxis(jnp.tensordot(y, ww, axes=((ax_w,), (1,)), precision=hi), -1, ax_w)
+  return y.astype(x.dtype)
+
+
+def avg_pool(x: jax.Array, window: int, axes: Sequence[int] = (1, 2)) -> jax.Array:
+  """Non-overlapping average pooling (`nn.AvgPool2d(k, k)`) over two axes of `x`.
+
+  Like PyTorch with no padding, trailing rows/columns that do not fill a window are dropped.
+  """
+  ax_h, ax_w = sorted(a % x.ndim for a in axes)
+  h, w = x.shape[ax_h] // window, x.shape[ax_w] // window
+  x = jax.lax.slice_in_dim(x, 0, h * window, axis=ax_h)
+  x = jax.lax.slice_in_dim(x, 0, w * window, axis=ax_w)
+  shape = list(x.shape)
+  shape[ax_w:ax_w + 1] = [w, window]
+  shape[ax_h:ax_h + 1] = [h, window]
+  return x.reshape(shape).mean(axis=(ax_h + 1, ax_w + 2), dtype=jnp.float32).astype(x.dtype)

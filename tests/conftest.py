@@ -1,0 +1,55 @@
+"""Shared pytest set-up: 8 fake CPU devices, a compilation cache, the official fixtures.
+
+The XLA flag must be set before jax is imported anywhere, so it lives at the very top of
+this file (pytest imports conftest.py before any test module).
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get("DERIS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+_cache_dir = os.environ.get("DERIS_JAX_CACHE", str(ROOT / ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", _cache_dir)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(scope="session")
+def fixtures_root() -> pathlib.Path:
+  if not FIXTURES.is_dir():
+    pytest.fail(f"fixtures not found at {FIXTURES} (set DERIS_FIXTURES)")
+  return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(fixtures_root) -> pathlib.Path:
+  return fixtures_root / "deris_tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tiny_dir) -> dict:
+  with np.load(tiny_dir / "inputs.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_outputs(tiny_dir) -> dict:
+  with np.load(tiny_dir / "outputs.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict(tiny_dir) -> dict:
+  from safetensors.numpy import load_file
+  return load_file(str(tiny_dir / "state_dict.safetensors"))
