@@ -16,16 +16,19 @@ def interpolation_matrix(in_size: int, out_size: int, align_corners: bool) -> np
   """(out_size, in_size) weights of PyTorch's 1-D linear interpolation."""
   if in_size <= 0 or out_size <= 0:
     raise ValueError(f"sizes must be positive, got in={in_size} out={out_size}")
-  dst = np.arange(out_size, dtype=np.float64)
+  # The source coordinate is computed in float32, as PyTorch's CPU/GPU kernels do for float
+  # inputs; float64 would differ from them by up to ~1e-5 on large resizes.
+  f32 = np.float32
+  dst = np.arange(out_size, dtype=f32)
   if align_corners:
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0.0)
     src = dst * scale
   else:
-    src = (dst + 0.5) * (in_size / out_size) - 0.5
-    src = np.maximum(src, 0.0)
+    src = (dst + f32(0.5)) * (f32(in_size) / f32(out_size)) - f32(0.5)
+    src = np.maximum(src, f32(0.0))
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
+  frac = (src - lo.astype(f32)).astype(np.float64)
   weights = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
   np.add.at(weights, (rows, lo), 1.0 - frac)
