@@ -17,6 +17,17 @@ from flax import nnx
 Dtype = jnp.dtype
 init = nnx.initializers
 
+
+
+def timm_trunc_normal(std: float, bound: float):
+  """timm `trunc_normal_(std=std, a=-bound, b=bound)`: a normal cut at absolute +-bound."""
+
+  def init_fn(key, shape, dtype=jnp.float32):
+    return (std * jax.random.truncated_normal(key, -bound / std, bound / std, shape)).astype(dtype)
+
+  return init_fn
+
+
 # Initialisers named after the PyTorch code that the official model runs.
 KERNEL_INITS = {
     # nn.Linear / nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..).
@@ -24,7 +35,10 @@ KERNEL_INITS = {
     "xavier": init.xavier_uniform(),
     # fvcore c2_xavier_fill: kaiming_uniform(a=1) = U(-sqrt(3/fan_in), ..).
     "c2_xavier": init.variance_scaling(1.0, "fan_in", "uniform"),
-    "trunc02": init.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0),
+    # timm trunc_normal_(std=.02) with its default absolute bounds +-2 (Swin Linear layers).
+    "trunc02": timm_trunc_normal(0.02, 2.0),
+    # BEiT-3 `_init_weights`: trunc_normal_(std=.02, a=-std, b=std), cut at one sigma.
+    "beit_trunc": timm_trunc_normal(0.02, 0.02),
     "zeros": init.zeros,
 }
 
@@ -149,12 +163,12 @@ class MultiheadAttention(nnx.Module):
                dropout_rate: float = 0.0, kernel_init: str = "xavier"):
     if dim % num_heads:
       raise ValueError(f"MultiheadAttention: dim {dim} not divisible by {num_heads} heads")
-    # PyTorch: in_proj_weight xavier_uniform over the packed (3C, C) matrix, biases 0.
-    packed_xavier = init.variance_scaling(1.0, "fan_avg", "uniform")
+    # PyTorch: in_proj_weight is xavier_uniform over the packed (3C, C) matrix and the biases
+    # are 0; out_proj.weight keeps nn.Linear's default unless the owner re-initialises it
+    # (Mask2Former layers apply xavier to every matrix): `kernel_init` names that choice.
     self.in_proj = nnx.Linear(
         dim, 3 * dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-        kernel_init=packed_xavier if kernel_init == "xavier" else KERNEL_INITS[kernel_init],
-        bias_init=init.zeros)
+        kernel_init=init.xavier_uniform(), bias_init=init.zeros)
     self.out_proj = linear(dim, dim, rngs=rngs, dtype=dtype, kernel_init=kernel_init,
                            bias_init="zeros")
     self.num_heads = num_heads
