@@ -1,0 +1,12 @@
+"""Data: TFDS builders (RefCOCO/+/g, gRefCOCO, synthetic), the tf.data pipeline, tokenizer, NSC.
+
+Importing this package imports nothing heavy; TensorFlow is only imported by the modules that
+need it (builders, pipeline), and only inside this package.
+
+  entries, deris_format, refer_format   annotation files -> validated entries
+  masks                                 COCO polygons / RLE without pycocotools
+  referring_builder, refcoco, grefcoco, synthetic, registry   the TFDS builders
+  text, tokenizer, nsc                  expression cleaning, XLM-R ids, NSC
+  pipeline_ops, pipeline                tf.data: `pipeline.make_dataset` (the batch contract)
+  prepare, benchmark                    `python -m deris_jax.data.prepare|benchmark`
+"""

@@ -1,0 +1,77 @@
+"""`python -m deris_jax.data.prepare`: prepare a dataset and print the example count per split.
+
+  python -m deris_jax.data.prepare --dataset synthetic --data_dir ~/tensorflow_datasets
+  python -m deris_jax.data.prepare --dataset refcoco_mixed --format deris \\
+      --manual_dir /data/seqtr_type --data_dir ~/tensorflow_datasets
+  python -m deris_jax.data.prepare --dataset grefcoco --format refer --manual_dir /data/refer \\
+      --data_dir ~/tensorflow_datasets [--skip_invalid]
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+from deris_jax.data import entries as E  # pylint: disable=g-import-not-at-top
+from deris_jax.data import registry  # pylint: disable=g-import-not-at-top
+
+# --dataset value -> (builder name, builder configs allowed, default config)
+DATASETS = {
+    "refcoco_mixed": ("refcoco_mixed", ("deris", "refer"), "deris"),
+    "grefcoco": ("grefcoco", ("deris", "refer"), "deris"),
+    "synthetic": ("deris_synthetic", ("shapes64", "tiny"), "shapes64"),
+}
+
+
+def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None = None,
+            config: str | None = None, skip_invalid: bool = False) -> dict[str, int]:
+  """Prepares `dataset` (idempotent) and returns {split: number of examples (expressions)}."""
+  name, configs, default = DATASETS[dataset]
+  config = config or default
+  if config not in configs:
+    raise ValueError(f"--format/--config {config!r} is not valid for {dataset}; use one of "
+                     f"{configs}")
+  builder_cls = registry.builder_class(name)
+  if builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS and not manual_dir:
+    raise ValueError(f"{dataset} needs --manual_dir:{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  if manual_dir and not os.path.isdir(manual_dir):
+    raise E.DataError(f"missing folder {manual_dir} (--manual_dir)")
+  builder = builder_cls(config=config, data_dir=registry.data_dir_or_default(data_dir),
+                        skip_invalid=skip_invalid)
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  builder.download_and_prepare(download_config=download_config)
+  splits = builder.info.metadata["splits"]
+  return {split: len(splits[split]["rows"]["image_id"])
+          for split in builder.info.metadata["split_names"]}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+  parser.add_argument("--format", dest="config", default=None,
+                      help="deris|refer for the COCO sets (default deris); shapes64|tiny for "
+                      "the synthetic set (default shapes64)")
+  parser.add_argument("--manual_dir", default=None, help="folder with the downloaded files")
+  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default "
+                      "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--skip_invalid", action="store_true",
+                      help="skip unreadable images, bad masks, ids or empty expressions instead "
+                      "of stopping; the counts and reasons are printed")
+  args = parser.parse_args(argv)
+  tfds.disable_progress_bar()
+  try:
+    counts = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                     config=args.config, skip_invalid=args.skip_invalid)
+  except (E.DataError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for split, count in counts.items():
+    print(f"{split}: {count} examples")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
