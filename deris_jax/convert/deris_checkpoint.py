@@ -36,6 +36,22 @@ def load_official(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
                                 source=source)
 
 
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, *,
+                       source: str = "checkpoint") -> Tuple[dict, torch_to_nnx.Plan]:
+  """Official state dict -> (deris-jax params as a nested dict of numpy arrays, plan).
+
+  Works on the abstract model (no parameter is initialised), so converting DeRIS-L costs only
+  the memory of the two copies of its weights.
+  """
+  from deris_jax import checkpoint
+  from deris_jax.models.deris import abstract_model
+  state_dict = deris_keys.strip_module_prefix(state_dict)
+  deris_keys.check_relative_position_index(state_dict, model_config.swin.window_size, source)
+  plan = plan_for_model(abstract_model(model_config),
+                        {k: np.shape(v) for k, v in state_dict.items()}, source=source)
+  return checkpoint.unflatten(torch_to_nnx.apply(plan, state_dict)), plan
+
+
 def report(plan: torch_to_nnx.Plan) -> str:
   """A short human-readable report: counts, and the dropped keys grouped by reason."""
   lines = [plan.summary()]

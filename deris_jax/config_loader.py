@@ -1,0 +1,63 @@
+"""Loads `configs/X.py[:arg]` files (ml_collections `get_config(arg)`) with `key=value` overrides.
+
+train.py uses absl's `config_flags` for the same syntax; this is for the argparse commands
+(convert, eval, predict, bench) and for tests.
+"""
+import ast
+import importlib.util
+import pathlib
+import sys
+from typing import Sequence
+
+import ml_collections
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """'configs/deris_b_refcoco.py:arg' -> ConfigDict; overrides like 'model.dtype=bfloat16'."""
+  path_str, _, arg = spec.partition(":")
+  path = pathlib.Path(path_str)
+  if not path.is_file() and (ROOT / path).is_file():
+    path = ROOT / path
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path_str} not found")
+  if str(ROOT) not in sys.path:  # configs import `configs.common`
+    sys.path.insert(0, str(ROOT))
+  module_spec = importlib.util.spec_from_file_location(f"_deris_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"config file {path} has no get_config(arg)")
+  config = module.get_config(arg or None)
+  for item in overrides:
+    apply_override(config, item)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Sets 'a.b=value'; the value is parsed as a Python literal when possible and must keep
+  the type of the existing field."""
+  key, sep, raw = item.partition("=")
+  if not sep:
+    raise ValueError(f"override '{item}' is not key=value")
+  parts = key.split(".")
+  node = config
+  for part in parts[:-1]:
+    if part not in node:
+      raise KeyError(f"override '{item}': unknown config field '{part}' in '{key}'")
+    node = node[part]
+  if parts[-1] not in node:
+    raise KeyError(f"override '{item}': unknown config field '{key}'")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  old = node[parts[-1]]
+  if isinstance(old, bool) and not isinstance(value, bool):
+    raise TypeError(f"override '{item}': '{key}' is a bool")
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+    value = type(old)(value)
+  node[parts[-1]] = value

@@ -1,0 +1,75 @@
+"""convert.py deris end to end: an official-format .pth -> Orbax -> the fixture's outputs."""
+import numpy as np
+import pytest
+
+import convert
+from deris_jax import checkpoint, parity
+from tests import torch_format
+
+
+@pytest.fixture(scope="module")
+def official_pth(tiny_state_dict, tmp_path_factory):
+  """The tiny fixture as DeRIS saves it: under 'state_dict', DDP 'module.' prefix, extras."""
+  path = tmp_path_factory.mktemp("pth") / "DeRIS-tiny.pth"
+  state = {f"module.{k}": torch_format.tensor(v) for k, v in tiny_state_dict.items()}
+  torch_format.save_zip({"state_dict": state, "epoch": 3, "lr": 1e-4}, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def converted(official_pth, tmp_path_factory):
+  out = tmp_path_factory.mktemp("ckpt") / "tiny"
+  assert convert.main(["deris", "--checkpoint", str(official_pth),
+                       "--config", "configs/deris_tiny.py", "--out", str(out)]) == 0
+  return out
+
+
+def test_converted_checkpoint_reproduces_the_fixture(converted, tiny_dir):
+  fixture = parity.load_fixture(tiny_dir)
+  model, meta = checkpoint.load_model(converted, fixture.model_config)
+  assert meta["kind"] == "converted" and len(meta["sha256"]) == 64
+  assert meta["loaded"] == 533 and len(meta["dropped"]) == 29  # 8 index buffers, 12 mapmlp, ...
+  taps = parity.run_with_taps(model, fixture.inputs)
+  for key in ("final.refer_logits", "final.pred_existence", "decoder.round3.mask_logits"):
+    np.testing.assert_allclose(taps[key], fixture.outputs[key], atol=1e-4, rtol=1e-4)
+
+
+def test_report_is_printed(official_pth, tmp_path, capsys):
+  assert convert.main(["deris", "--checkpoint", str(official_pth), "--config",
+                       "configs/deris_tiny.py", "--out", str(tmp_path / "c")]) == 0
+  out = capsys.readouterr().out
+  assert "533 keys loaded, 29 dropped" in out
+  assert "relative_position_index" in out and "sha256" in out
+
+
+def test_truncated_file_is_a_clear_error(official_pth, tmp_path, capsys):
+  bad = tmp_path / "truncated.pth"
+  bad.write_bytes(official_pth.read_bytes()[:5000])
+  assert convert.main(["deris", "--checkpoint", str(bad), "--config", "configs/deris_tiny.py",
+                       "--out", str(tmp_path / "c")]) == 1
+  err = capsys.readouterr().err
+  assert "truncated.pth" in err and not (tmp_path / "c").exists()
+
+
+def test_other_model_size_names_key_and_shapes(official_pth, tmp_path, capsys):
+  assert convert.main(["deris", "--checkpoint", str(official_pth), "--config",
+                       "configs/deris_b_refcoco.py", "--out", str(tmp_path / "c")]) == 1
+  err = capsys.readouterr().err
+  assert "shape mismatch for '" in err and "model expects" in err
+  assert not (tmp_path / "c").exists()
+
+
+def test_renamed_key_is_an_error(tiny_state_dict, tmp_path, capsys):
+  state = {k.replace("SEG_cls", "SEG_clz"): torch_format.tensor(v)
+           for k, v in tiny_state_dict.items()}
+  path = tmp_path / "renamed.pth"
+  torch_format.save_zip({"state_dict": state}, path)
+  assert convert.main(["deris", "--checkpoint", str(path), "--config", "configs/deris_tiny.py",
+                       "--out", str(tmp_path / "c")]) == 1
+  assert "SEG_clz" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_variant_is_refused(converted):
+  from configs import deris_b_refcoco
+  with pytest.raises(checkpoint.CheckpointError, match="expects|missing|unknown"):
+    checkpoint.load_model(converted, deris_b_refcoco.get_config().model)
