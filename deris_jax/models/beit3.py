@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deris_jax.models import layers
+from deris_jax.models import initializers, layers
 
 POSITION_OFFSET = 2  # fairseq: position ids start at 2 for both modalities
 
@@ -109,7 +109,7 @@ class Encoder(nnx.Module):
   def __init__(self, *, dim, num_layers, num_heads, ffn_dim, num_vision_positions,
                max_source_positions, drop_path_rate, eps, dtype, rngs):
     embed = lambda n: nnx.Embed(n, dim, param_dtype=jnp.float32, dtype=dtype, rngs=rngs,
-                                embedding_init=nnx.initializers.normal(1.0))
+                                embedding_init=initializers.normal(1.0))
     self.embed_positions = nnx.Dict(A=embed(num_vision_positions), B=embed(max_source_positions))
     rates = np.linspace(0.0, drop_path_rate, num_layers) if drop_path_rate > 0 else [0.0] * num_layers
     self.layers = nnx.List([
@@ -138,7 +138,7 @@ class BEiT3(nnx.Module):
       raise ValueError(f"BEiT-3 image size {image_size} is not a multiple of patch {patch_size}")
     self.num_patches = (h // patch_size) * (w // patch_size)
     self.text_embed = nnx.Embed(vocab_size, embed_dim, param_dtype=jnp.float32, dtype=dtype,
-                                embedding_init=nnx.initializers.normal(embed_dim ** -0.5),
+                                embedding_init=initializers.normal(embed_dim ** -0.5),
                                 rngs=rngs)
     self.vision_embed = VisionEmbedding(embed_dim, patch_size, dtype=dtype, rngs=rngs)
     self.encoder = Encoder(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deris_jax.models import layers
+from deris_jax.models import initializers, layers
 from deris_jax.models.beit3 import BEiT3
 from deris_jax.models.existence import ExistenceHead
 from deris_jax.models.loopback import LoopbackDecoder
@@ -40,20 +40,30 @@ class DerisOutput:
 
 
 class KeySequence:
-  """A stateless stand-in for `nnx.Rngs` when building a model: `params()` folds a Python
-  counter into a key, so construction is deterministic for a seed.
+  """A stateless stand-in for `nnx.Rngs` when building a model: `params()` returns the key of
+  the next parameter, so construction is deterministic for a seed.
 
-  `nnx.Rngs` keeps its counter in a Variable; under `jax.eval_shape` / `jax.jit` (abstract or
-  sharded initialisation) every draw then costs time linear in the traced program in flax 0.12,
-  which makes building DeRIS-L abstractly take minutes instead of seconds.
+  `host=True` hands out `initializers.HostKey`s: every parameter is drawn with numpy and
+  nothing is compiled (an initialisation program under jit compiles one kernel per random
+  draw, about a minute for the tiny model on a CPU). `host=False` hands out JAX keys, for
+  `jax.eval_shape` / `jax.jit` (nnx.Rngs would also work there, but its counter Variable makes
+  every draw cost time linear in the traced program in flax 0.12).
   """
 
-  def __init__(self, seed: int = 0):
-    self._key = jax.random.key(seed) if isinstance(seed, int) else seed
+  def __init__(self, seed=0, *, host: bool = False):
+    self._host = host
+    if host:
+      if not isinstance(seed, int):
+        raise TypeError(f"host initialisation needs an int seed, got {type(seed)}")
+      self._seed = seed
+    else:
+      self._key = jax.random.key(seed) if isinstance(seed, int) else seed
     self._count = 0
 
-  def params(self) -> jax.Array:
+  def params(self):
     self._count += 1
+    if self._host:
+      return initializers.HostKey(self._seed, self._count)
     return jax.random.fold_in(self._key, self._count)
 
 
@@ -62,16 +72,10 @@ def abstract_model(config: ml_collections.ConfigDict) -> "DeRIS":
   return nnx.eval_shape(lambda: DeRIS(config, rngs=KeySequence(0)))
 
 
-def build_model(config: ml_collections.ConfigDict, seed=0) -> "DeRIS":
-  """A DeRIS with freshly initialised parameters (seed: int or PRNG key).
-
-  Initialisation runs as one jitted program (eagerly, every parameter shape would compile
-  its own random-number kernel).
-  """
-  graphdef, _ = nnx.split(abstract_model(config))
-  key = jax.random.key(seed) if isinstance(seed, int) else seed
-  state = jax.jit(lambda k: nnx.state(DeRIS(config, rngs=KeySequence(k))))(key)
-  return nnx.merge(graphdef, state)
+def build_model(config: ml_collections.ConfigDict, seed: int = 0) -> "DeRIS":
+  """A DeRIS with freshly initialised parameters (the official initialisers), drawn on the
+  host with numpy from `seed` (deterministic, nothing to compile)."""
+  return DeRIS(config, rngs=KeySequence(seed, host=True))
 
 
 def upsample_masks(mask_logits: jax.Array) -> jax.Array:
@@ -89,7 +93,7 @@ class CognitionProjections(nnx.Module):
     self.text_embed = layers.linear(beit_dim, hidden_dim, rngs=rngs, dtype=dtype)
     self.perception_embed = layers.linear(beit_dim, hidden_dim, rngs=rngs, dtype=dtype)
     self.init_query = nnx.Embed(num_queries, beit_dim, param_dtype=jnp.float32, dtype=dtype,
-                                embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+                                embedding_init=initializers.normal(1.0), rngs=rngs)
 
 
 class DeRIS(nnx.Module):

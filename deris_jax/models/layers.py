@@ -14,42 +14,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deris_jax.models import initializers
+
 Dtype = jnp.dtype
-init = nnx.initializers
-
-
-
-def timm_trunc_normal(std: float, bound: float):
-  """timm `trunc_normal_(std=std, a=-bound, b=bound)`: a normal cut at absolute +-bound."""
-
-  def init_fn(key, shape, dtype=jnp.float32):
-    return (std * jax.random.truncated_normal(key, -bound / std, bound / std, shape)).astype(dtype)
-
-  return init_fn
-
 
 # Initialisers named after the PyTorch code that the official model runs.
 KERNEL_INITS = {
     # nn.Linear / nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..).
-    "torch": init.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-    "xavier": init.xavier_uniform(),
+    "torch": initializers.variance_scaling_uniform(1.0 / 3.0, "fan_in"),
+    "xavier": initializers.variance_scaling_uniform(1.0, "fan_avg"),
     # fvcore c2_xavier_fill: kaiming_uniform(a=1) = U(-sqrt(3/fan_in), ..).
-    "c2_xavier": init.variance_scaling(1.0, "fan_in", "uniform"),
+    "c2_xavier": initializers.variance_scaling_uniform(1.0, "fan_in"),
     # timm trunc_normal_(std=.02) with its default absolute bounds +-2 (Swin Linear layers).
-    "trunc02": timm_trunc_normal(0.02, 2.0),
+    "trunc02": initializers.truncated_normal(0.02, 2.0),
     # BEiT-3 `_init_weights`: trunc_normal_(std=.02, a=-std, b=std), cut at one sigma.
-    "beit_trunc": timm_trunc_normal(0.02, 0.02),
-    "zeros": init.zeros,
+    "beit_trunc": initializers.truncated_normal(0.02, 0.02),
+    "zeros": initializers.zeros,
 }
-
-
-def _torch_bias_init(fan_in: int):
-  bound = 1.0 / max(fan_in, 1) ** 0.5
-
-  def init_fn(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init_fn
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
@@ -58,7 +39,8 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype 
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=KERNEL_INITS[kernel_init],
-      bias_init=_torch_bias_init(in_features) if bias_init == "torch" else init.zeros,
+      bias_init=(initializers.torch_bias(in_features) if bias_init == "torch"
+                 else initializers.zeros),
       rngs=rngs)
 
 
@@ -71,7 +53,8 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rng
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=[(padding, padding), (padding, padding)], use_bias=use_bias, dtype=dtype,
       param_dtype=jnp.float32, kernel_init=KERNEL_INITS[kernel_init],
-      bias_init=_torch_bias_init(fan_in) if bias_init == "torch" else init.zeros, rngs=rngs)
+      bias_init=initializers.torch_bias(fan_in) if bias_init == "torch" else initializers.zeros,
+      rngs=rngs)
 
 
 class LayerNorm(nnx.Module):
@@ -168,7 +151,7 @@ class MultiheadAttention(nnx.Module):
     # (Mask2Former layers apply xavier to every matrix): `kernel_init` names that choice.
     self.in_proj = nnx.Linear(
         dim, 3 * dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-        kernel_init=init.xavier_uniform(), bias_init=init.zeros)
+        kernel_init=KERNEL_INITS["xavier"], bias_init=initializers.zeros)
     self.out_proj = linear(dim, dim, rngs=rngs, dtype=dtype, kernel_init=kernel_init,
                            bias_init="zeros")
     self.num_heads = num_heads

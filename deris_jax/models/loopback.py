@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deris_jax.models import layers
+from deris_jax.models import initializers, layers
 from deris_jax.models.position import sine_position_2d
 from deris_jax.ops import resize
 
@@ -169,7 +169,7 @@ class LoopbackDecoder(nnx.Module):
     self.transformer_ffn_layers = mk(FFNLayer, c, ffn_dim)
     self.decoder_norm = layers.LayerNorm(c)
     embed = lambda n: nnx.Embed(n, c, param_dtype=jnp.float32, dtype=dtype, rngs=rngs,
-                                embedding_init=nnx.initializers.normal(1.0))
+                                embedding_init=initializers.normal(1.0))
     self.query_embed = embed(num_queries)
     self.level_embed = embed(3)
     self.mask_embed = layers.MLP(c, c, c, 3, rngs=rngs, dtype=dtype)

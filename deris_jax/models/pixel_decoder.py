@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deris_jax.models import layers
+from deris_jax.models import initializers, layers
 from deris_jax.models.deform_attn import MSDeformAttn, SpatialShapes, level_start_index
 from deris_jax.models.position import sine_position_2d
 from deris_jax.ops.resize import resize_bilinear
@@ -82,7 +82,7 @@ class DeformableTransformer(nnx.Module):
   def __init__(self, *, dim: int, num_levels: int, num_layers: int, rngs: nnx.Rngs, **kwargs):
     self.encoder = DeformableEncoder(num_layers, dim=dim, num_levels=num_levels, rngs=rngs,
                                      **kwargs)
-    self.level_embed = nnx.Param(jax.random.normal(rngs.params(), (num_levels, dim), jnp.float32))
+    self.level_embed = nnx.Param(initializers.normal(1.0)(rngs.params(), (num_levels, dim)))
 
 
 def _conv_norm(in_dim: int, out_dim: int, kernel_size: int, num_groups: int, kernel_init: str, *,
