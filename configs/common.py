@@ -49,6 +49,7 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
       image_size=(384, 384),  # §2 perception input
       cognition_image_size=(224, 224),  # §3 BEiT-3 input
       max_tokens=max_tokens,  # §3: 20 RefCOCO, 50 gRefCOCO
+      remat=False,  # recompute BEiT-3 layers in the backward pass (large batches / DeRIS-L)
       existence_veto=False,  # corrected model only: existence head may veto (design README)
       existence_threshold=0.5,
       swin=dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.3, **SWIN[swin]),  # §2
@@ -59,3 +60,102 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
       decoder=dict(num_heads=8, ffn_dim=2048, num_layers=3, text_num_heads=8),  # §4
       existence=dict(num_layers=3, num_heads=8, ffn_dim=512, dropout=0.1),  # §4 aligner
   ))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training sections (deris_jax.train): loss, optimizer, schedule, train loop, mesh, sharding.
+
+
+def loss_config() -> mlc.ConfigDict:
+  """The objective (reference.md §6); equals `deris_jax.losses.default_loss_config()`."""
+  return mlc.ConfigDict(dict(
+      num_points=12544,  # §6 TRAIN_NUM_POINTS: matcher points and points per mask
+      oversample_ratio=3.0,  # §6 PointRend OVERSAMPLE_RATIO
+      importance_sample_ratio=0.75,  # §6 IMPORTANCE_SAMPLE_RATIO
+      class_weight=2.0,  # §6 weights: CLASS_WEIGHT
+      mask_weight=5.0,  # §6 MASK_WEIGHT (BCE)
+      dice_weight=5.0,  # §6 DICE_WEIGHT
+      cost_class=2.0,  # §6 matching cost: class x matching_cost_weight cls (1)
+      cost_mask=5.0,  # §6 matching cost: mask x matching_cost_weight mask (1)
+      cost_dice=5.0,  # §6 matching cost: dice x matching_cost_weight mask (1)
+      no_object_weight=0.1,  # §6 empty_weight[1]
+      aux_weight=0.2,  # §6 loss_weight['aux'] for each of the 3 auxiliary rounds
+      existence_weight=1.0,  # §6 existence loss weight
+  ))
+
+
+def optimizer_config() -> mlc.ConfigDict:
+  """Adam + amsgrad with the official param groups (reference.md §9)."""
+  return mlc.ConfigDict(dict(
+      name="adam",  # §9 torch Adam (not AdamW), its exact update rule
+      lr=1e-4,  # §9
+      b1=0.9,  # §9 betas
+      b2=0.98,  # §9 betas
+      eps=1e-9,  # §9
+      weight_decay=0.0,  # §9
+      amsgrad=True,  # §9
+      clip_norm=0.15,  # §9 grad_norm_clip: clip_grad_norm_ over all trained parameters
+      # §9 hier_vision_encoder (Swin) frozen: no gradient, no optimizer state. Must agree with
+      # model.freeze_swin (default True).
+      frozen=(r"^swin\.",),
+      # §9 groups: vis_enc (BEiT-3) lr/2; pixel decoder and the rest x1; first match wins.
+      lr_multipliers=((r"^beit3\.", 0.5),),
+  ))
+
+
+def schedule_config(*, warmup_epochs: int, decay_epochs, decay_ratio: float = 0.1,
+                    name: str = "multistep_warmup") -> mlc.ConfigDict:
+  """The per-epoch MultiStepLRWarmUp factors (reference.md §9; deris_jax.train.schedule)."""
+  return mlc.ConfigDict(dict(
+      name=name,  # multistep_warmup | linear_warmup | constant
+      warmup_epochs=warmup_epochs,  # §9: epoch e < warmup runs at (e + 1) / (warmup + 1)
+      decay_epochs=tuple(decay_epochs),  # §9 decay_steps: x decay_ratio once epoch + 1 >= s
+      decay_ratio=decay_ratio,  # §9
+  ))
+
+
+def train_config(*, epochs: int) -> mlc.ConfigDict:
+  """The loop: length, seed, intervals, checkpoints (deris_jax.train.loop).
+
+  The global batch is `data.batch_size` (per-device batch x devices).
+  """
+  return mlc.ConfigDict(dict(
+      epochs=epochs,  # §9 max_epoch; steps per epoch = ceil(train examples / global batch)
+      max_steps=0,  # > 0: stop after this many steps (smoke runs); the schedule keeps epochs
+      seed=6666,  # §9
+      log_every_steps=50,  # §9 log_interval
+      eval_every_steps=0,  # 0: use eval_every_epochs
+      eval_every_epochs=1,  # §9 validation every epoch; 0 with eval_every_steps 0: never
+      checkpoint_every_steps=0,  # 0: use checkpoint_every_epochs
+      checkpoint_every_epochs=1,  # a final checkpoint is always written
+      keep_checkpoints=3,  # Orbax max_to_keep
+      async_checkpoint=True,  # write in the background while training continues
+      remat="none",  # none | full | dots | dots_no_batch (jax.checkpoint around the forward)
+      distributed=False,  # call jax.distributed.initialize() (multi-host pods)
+      tensorboard=True,  # event files in the workdir
+  ))
+
+
+def mesh_config(*, data: int = -1, fsdp: int = 1) -> mlc.ConfigDict:
+  """Device mesh axes (deris_jax.train.sharding); -1 takes the devices left."""
+  return mlc.ConfigDict(dict(data=data, fsdp=fsdp))
+
+
+def sharding_config() -> mlc.ConfigDict:
+  """Regex rules -> shardings of the train state (deris_jax.train.sharding)."""
+  return mlc.ConfigDict(dict(
+      rules=((".*", "fsdp"),),  # fsdp: largest dimension divisible by the fsdp axis
+      fsdp_min_size=2 ** 14,  # smaller leaves are replicated
+  ))
+
+
+def add_training(config: mlc.ConfigDict, *, epochs: int, warmup_epochs: int,
+                 decay_epochs) -> mlc.ConfigDict:
+  """Adds the loss, optimizer, schedule, train, mesh and sharding sections to `config`."""
+  config.loss = loss_config()
+  config.optimizer = optimizer_config()
+  config.schedule = schedule_config(warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
+  config.train = train_config(epochs=epochs)
+  config.mesh = mesh_config()
+  config.sharding = sharding_config()
+  return config

@@ -131,8 +131,8 @@ class BEiT3(nnx.Module):
 
   def __init__(self, *, embed_dim: int, num_layers: int, num_heads: int, ffn_dim: int,
                vocab_size: int, patch_size: int, image_size, max_source_positions: int = 1024,
-               drop_path_rate: float = 0.0, layernorm_eps: float = 1e-5, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               drop_path_rate: float = 0.0, layernorm_eps: float = 1e-5, remat: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     h, w = image_size
     if h % patch_size or w % patch_size:
       raise ValueError(f"BEiT-3 image size {image_size} is not a multiple of patch {patch_size}")
@@ -147,6 +147,7 @@ class BEiT3(nnx.Module):
         max_source_positions=max_source_positions, drop_path_rate=drop_path_rate,
         eps=layernorm_eps, dtype=dtype, rngs=rngs)
     self.max_source_positions = max_source_positions
+    self.remat = remat  # recompute each layer in the backward pass (activation memory)
     self.dtype = dtype
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_padding: jax.Array, *,
@@ -170,8 +171,11 @@ class BEiT3(nnx.Module):
     layers.tap(taps, "cognition.beit3.encoder.padding_mask", key_padding.astype(jnp.int32))
     x = x * (1 - key_padding[..., None].astype(x.dtype))
     layers.tap(taps, "cognition.beit3.encoder.layer_input", x)
+    run = lambda layer, x, rngs: layer(x, key_padding, split, train=train, rngs=rngs)
+    if self.remat:
+      run = nnx.remat(run)
     for i, layer in enumerate(self.encoder.layers):
-      x = layer(x, key_padding, split, train=train, rngs=rngs)
+      x = run(layer, x, rngs)
       layers.tap(taps, f"cognition.beit3.encoder.layer{i}.out", x)
     x = self.encoder.layer_norm(x, split)
     layers.tap(taps, "cognition.beit3.encoder_out", x)
