@@ -1,12 +1,16 @@
 """Converts official PyTorch checkpoints to deris-jax Orbax checkpoints (torch is not needed).
 
+  # a released DeRIS checkpoint, for eval / predict / fine-tuning
   python convert.py deris --checkpoint DeRIS-B-refcoco.pth --config configs/deris_b_refcoco.py \
       --out ckpt/deris_b_refcoco
+  # the paper's initial weights, for `train.py --init_from` (docs/pretrained.md lists the files)
+  python convert.py pretrained --mask2former model_final_1e7f22.pkl \
+      --beit3 beit3_base_patch16_224.zip --config configs/deris_b_refcoco.py --out ckpt/init_b
 
-The checkpoint is first checked key by key and shape by shape against the model built from
-the config (before any weight is read), then converted and written with its metadata (source
-file, sha256, report). Any unknown key, missing key or shape mismatch stops with an error that
-names the key and both shapes.
+Every file is first checked key by key and shape by shape against the model built from the
+config (before any weight is read), then converted and written with its metadata (source
+files, sha256, report). Any unknown key, missing key or shape mismatch stops with an error that
+names the file, the key and both shapes.
 """
 import argparse
 import pathlib
@@ -15,7 +19,7 @@ import time
 
 from deris_jax import checkpoint
 from deris_jax.config_loader import load_config
-from deris_jax.convert import deris_checkpoint, readers, torch_to_nnx
+from deris_jax.convert import deris_checkpoint, pretrained, readers, torch_to_nnx
 
 
 def convert_deris(args) -> int:
@@ -41,6 +45,35 @@ def convert_deris(args) -> int:
   return 0
 
 
+def convert_pretrained(args) -> int:
+  config = load_config(args.config, args.override)
+  t0 = time.time()
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from deris_jax.models.deris import abstract_model  # pylint: disable=g-import-not-at-top
+  files = {pretrained.MASK2FORMER: pathlib.Path(args.mask2former),
+           pretrained.BEIT3: pathlib.Path(args.beit3)}
+  names = {role: path.name for role, path in files.items()}
+  model_shapes = torch_to_nnx.flat_shapes(nnx.state(abstract_model(config.model), nnx.Param))
+  pretrained.plan_pretrained(  # fails fast, before reading weights or initialising
+      config.model, model_shapes,
+      {role: pretrained.read_shapes(path) for role, path in files.items()}, names)
+  digests = {role: readers.sha256(path) for role, path in files.items()}
+  arrays = {role: pretrained.read_arrays(path) for role, path in files.items()}
+  params, plan = pretrained.convert(config.model, arrays, seed=args.seed, names=names)
+  del arrays
+  sources = {role: {"path": str(path), "sha256": digests[role],
+                    "keys": plan.sources[role].num_keys} for role, path in files.items()}
+  out = checkpoint.save_params(
+      args.out, params,
+      metadata={"kind": "pretrained", "sources": sources, "seed": args.seed,
+                "config": config.to_dict(), **pretrained.metadata(plan)})
+  for role, path in files.items():
+    print(f"--{role} {path.name}: sha256 {digests[role]}, {plan.sources[role].num_keys} keys")
+  print(pretrained.report(plan, seed=args.seed))
+  print(f"wrote {out} in {time.time() - t0:.1f}s")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +84,18 @@ def main(argv=None) -> int:
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. model.compat_group_size=1")
   p.set_defaults(run=convert_deris)
+  p = sub.add_parser("pretrained", help="the paper's initial weights: Mask2Former .pkl + BEiT-3")
+  p.add_argument("--mask2former", required=True,
+                 help="Mask2Former COCO-instance Swin checkpoint, e.g. model_final_1e7f22.pkl")
+  p.add_argument("--beit3", required=True,
+                 help="BEiT-3 pretrained checkpoint, e.g. beit3_base_patch16_224.zip (or .pth)")
+  p.add_argument("--config", required=True, help="configs/deris_*.py[:arg] of the variant")
+  p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
+  p.add_argument("--seed", type=int, default=0,
+                 help="build_model seed of the parameters no file provides")
+  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. model.cognition_image_size=(384,384)")
+  p.set_defaults(run=convert_pretrained)
   args = parser.parse_args(argv)
   try:
     return args.run(args)
