@@ -1,0 +1,123 @@
+"""eval.py end to end: the fixture's DeRIS on the tiny synthetic set, from a train-like checkpoint.
+
+The checkpoint has the layout train.py leaves (params + meta + optimizer-like item, kind
+'train', step 7); the model is the official fixture's (configs/deris_tiny.py, query_SA groups
+of 2) with the synthetic 32x32 images resized to its 128x128 input. One forward program is
+compiled (batch 8 over the 8 test devices) and shared by every run here.
+"""
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from deris_jax import metrics
+from tests import eval_helpers as H
+
+eval_cli = importlib.import_module("eval")  # eval.py ('eval' is also a builtin's name)
+
+TAU = 0.46  # the fixture's random weights score ~0.4-0.52: a tau that selects some queries
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_state_dict):
+  root = tmp_path_factory.mktemp("eval_cli")
+  data_dir = H.prepare_synthetic(root)
+  config = H.tiny_config(data_dir)
+  return {"config": H.write_config_file(root / "tiny_synthetic.py", data_dir),
+          "checkpoint": H.write_train_like_checkpoint(root / "ckpt", tiny_state_dict, config),
+          "root": root}
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference_run(setup, tmp_path_factory):
+  out = tmp_path_factory.mktemp("reference")
+  rc = eval_cli.main(["--config", setup["config"], "--checkpoint", setup["checkpoint"],
+                      "--split", "all", "--tau_sweep", "--score_threshold", str(TAU),
+                      "--out", str(out)])
+  assert rc == 0
+  with open(out / "results.json") as f:
+    return out, json.load(f)
+
+
+def test_all_splits_with_sweep(reference_run, capsys):
+  out, summary = reference_run
+  assert summary["checkpoint_kind"] == "train" and summary["checkpoint_step"] == H.TRAIN_STEP
+  results = summary["results"]
+  assert [r["split"] for r in results] == ["val", "test"]  # eval.splits of the synthetic set
+  for r in results:
+    assert (r["resolution"], r["score_threshold"], r["num_samples"]) == ("reference", TAU, 24)
+    assert r["protocol"]["compat_group_size"] == 2 and r["protocol"]["eval_batch_size"] == 8
+    assert r["protocol"]["grouping"] == "official (one process)"
+    assert list(r["tau_sweep"]) == [str(t) for t in H.eval_common.TAU_GRID]
+    lines = _read_jsonl(out / f"per_sample.{r['split']}.reference.jsonl")
+    assert len({l["example_id"] for l in lines}) == 24
+    recount = metrics.GRESMetrics()
+    recount.update_counts(*(np.asarray([l[k] for l in lines])
+                            for k in ("intersection", "pred_area", "gt_area")),
+                          np.asarray([l["no_target_predicted"] for l in lines]),
+                          np.asarray([l["no_target_true"] for l in lines]))
+    assert recount.result() == pytest.approx(r["metrics"], rel=1e-12, nan_ok=True)
+    assert any(l["pred_area"] > 0 for l in lines) and any(l["intersection"] > 0 for l in lines)
+    assert all(len(l["scores"]) == 10 for l in lines)  # the fixture model's 10 queries
+
+
+def test_results_are_printed_with_resolution_and_tau(setup, tmp_path, capsys):
+  rc = eval_cli.main(["--config", setup["config"], "--checkpoint", setup["checkpoint"],
+                      "--split", "val", "--score_threshold", str(TAU), "--out",
+                      str(tmp_path)])
+  assert rc == 0
+  table = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+  assert table[0].split() == ["split", "resolution", "tau", "samples", "gIoU", "cIoU", "N-acc",
+                              "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9"]
+  row = table[1].split()
+  assert row[:4] == ["val", "reference", f"{TAU:g}", "24"]
+  with open(tmp_path / "results.json") as f:
+    (result,) = json.load(f)["results"]
+  assert row[4:] == [f"{v:.2f}" for v in result["metrics"].values()]
+
+
+def test_original_resolution_counts_at_the_image_size(setup, reference_run, tmp_path):
+  rc = eval_cli.main(["--config", setup["config"], "--checkpoint", setup["checkpoint"],
+                      "--split", "val", "--resolution", "original", "--score_threshold",
+                      str(TAU), "--out", str(tmp_path)])
+  assert rc == 0
+  original = _read_jsonl(tmp_path / "per_sample.val.original.jsonl")
+  reference = _read_jsonl(reference_run[0] / "per_sample.val.reference.jsonl")
+  assert [l["example_id"] for l in original] == [l["example_id"] for l in reference]
+  for o, r in zip(original, reference):
+    assert o["resolution"] == "original" and r["resolution"] == "reference"
+    # 32x32 images, 128x128 model input: the nearest-resized GT has exactly 16x the pixels.
+    assert r["gt_area"] == 16 * o["gt_area"]
+    assert o["pred_area"] <= 32 * 32 and o["scores"] == r["scores"]
+  # The bilinear-resized prediction covers about 1/16 of the reference pixel count.
+  pred_o = sum(l["pred_area"] for l in original)
+  pred_r = sum(l["pred_area"] for l in reference)
+  assert pred_o > 0 and abs(16 * pred_o / pred_r - 1) < 0.05
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "nope"], "split 'nope' not in the dataset"),
+    (["--override", "model.num_queries=5"], "the model built from the config"),
+    (["--score_threshold", "1.5"], "score threshold 1.5 must be in [0, 1)"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args, message):
+  base = {"--config": setup["config"], "--checkpoint": setup["checkpoint"], "--split": "val"}
+  argv = [x for k, v in base.items() if k not in args for x in (k, v)]
+  out = tmp_path / "out"
+  assert eval_cli.main(argv + args + ["--out", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+  assert not out.exists()
+
+
+def test_missing_checkpoint(setup, tmp_path, capsys):
+  missing = tmp_path / "no_ckpt"
+  assert eval_cli.main(["--config", setup["config"], "--checkpoint", str(missing), "--split",
+                        "val", "--out", str(tmp_path / "out")]) == 1
+  assert f"checkpoint directory {missing} does not exist" in capsys.readouterr().err
