@@ -5,8 +5,12 @@ this file (pytest imports conftest.py before any test module).
 """
 import os
 
+# 8 fake CPU devices for sharding tests. Tests compile many small programs and run each a few
+# times, so LLVM's optimisations cost more than they save: level 0 cuts compile time ~30%
+# (semantics unchanged; the parity checks pass the same).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
