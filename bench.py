@@ -1,6 +1,7 @@
-"""Benchmarks (not tests): forward throughput, deformable attention, the input pipeline.
+"""Benchmarks (not tests): forward and train-step throughput, deformable attention, input.
 
   python bench.py --config configs/deris_b_refcoco.py --batch 1,4,16 [--dtype bfloat16]
+  python bench.py --mode train --config configs/deris_b_refcoco.py --batch 16 [--mesh 1,1]
   python bench.py --mode deform [--dtype bfloat16]     # MSDeformAttn alone at DeRIS size
   python bench.py --mode data                          # tf.data examples/s (see deris_jax.data)
 
@@ -92,6 +93,69 @@ def bench_infer(config, batches: List[int], args) -> List[dict]:
   return rows
 
 
+def random_targets(batch: int, num_targets: int, size, seed: int = 1) -> Dict[str, np.ndarray]:
+  """Training targets: 0..num_targets rectangles per sample, the last sample without one."""
+  rng = np.random.default_rng(seed)
+  h, w = size
+  counts = rng.integers(1, num_targets + 1, batch)
+  counts[-1] = 0
+  masks = np.zeros((batch, num_targets, h, w), np.uint8)
+  for i in range(batch):
+    for j in range(counts[i]):
+      y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+      masks[i, j, y:y + h // 4, x:x + w // 4] = 1
+  return dict(gt_masks=masks, gt_valid=np.arange(num_targets)[None] < counts[:, None],
+              exists=(counts > 0).astype(np.int32), weight=np.ones((batch,), np.float32))
+
+
+def bench_train(config, batches: List[int], args) -> List[dict]:
+  """The jitted, sharded train step of deris_jax.train on random data (the state threaded
+  through the timed steps, as in training: it is donated)."""
+  from configs import common
+  from deris_jax.train import sharding as S
+  from deris_jax.train import state as state_lib
+  from deris_jax.train import step as step_lib
+  if "train" not in config:  # e.g. the tiny fixture config: the released recipe
+    common.add_training(config, epochs=1, warmup_epochs=0, decay_epochs=())
+  if args.mesh:
+    config.mesh.data, config.mesh.fsdp = (int(x) for x in args.mesh.split(","))
+  mesh = S.make_mesh(config.mesh)
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1000)
+  state = state_lib.init_state(trainer, config.train.seed)
+  num_targets = config.data.max_instances if "data" in config else 1
+  rows = []
+  for b in batches:
+    host = dict(random_batch(config.model, b), **random_targets(b, num_targets,
+                                                                  config.model.image_size))
+    batch = S.global_batch(host, mesh)
+    t0 = time.perf_counter()
+    compiled = step_lib.jit_train_step(trainer).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else cost
+    flops = float((cost or {}).get("flops", float("nan"))) * mesh.size  # per-device program
+    for _ in range(args.warmup):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    if args.profile:
+      jax.profiler.start_trace(args.profile)
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+    if args.profile:
+      jax.profiler.stop_trace()
+    step_s = float(np.median(times))
+    rows.append(dict(mode="train", batch=b, dtype=config.model.dtype,
+                     mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}", compile_s=compile_s,
+                     step_ms=1e3 * step_s, images_per_s=b / step_s,
+                     gflops_per_image=flops / b / 1e9, peak_mem_gib=peak_memory_bytes() / 2**30,
+                     loss=float(jax.device_get(metrics["loss"]))))
+  return rows
+
+
 def bench_deform(args) -> List[dict]:
   """MSDeformAttn core alone at DeRIS size: 3024 queries, 8 heads x 32, levels 12/24/48."""
   from deris_jax.models.deform_attn import ms_deform_attn_core
@@ -128,7 +192,7 @@ def print_rows(rows: List[dict]) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--mode", default="infer", choices=["infer", "deform", "data"])
+  parser.add_argument("--mode", default="infer", choices=["infer", "train", "deform", "data"])
   parser.add_argument("--config", default="configs/deris_tiny.py")
   parser.add_argument("--batch", default="2", help="comma-separated batch sizes")
   parser.add_argument("--dtype", default=None, help="compute dtype (float32 | bfloat16)")
@@ -138,6 +202,8 @@ def main(argv=None) -> int:
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="device peak for the MFU column (e.g. 989 for H100 bf16 dense)")
   parser.add_argument("--profile", default=None, help="write a TensorBoard trace here")
+  parser.add_argument("--mesh", default=None, help="train: DATA,FSDP mesh sizes (default: "
+                      "config.mesh, all devices on the data axis)")
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args, rest = parser.parse_known_args(argv)
   if args.mode == "data":
@@ -152,7 +218,8 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.override)
     if args.dtype:
       config.model.dtype = args.dtype
-    rows = bench_infer(config, [int(x) for x in args.batch.split(",")], args)
+    bench = bench_train if args.mode == "train" else bench_infer
+    rows = bench(config, [int(x) for x in args.batch.split(",")], args)
     if args.peak_tflops:
       for row in rows:
         row["mfu"] = row["gflops_per_image"] * row["images_per_s"] / (args.peak_tflops * 1e3)

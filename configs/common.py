@@ -130,7 +130,6 @@ def train_config(*, epochs: int) -> mlc.ConfigDict:
       checkpoint_every_epochs=1,  # a final checkpoint is always written
       keep_checkpoints=3,  # Orbax max_to_keep
       async_checkpoint=True,  # write in the background while training continues
-      remat="none",  # none | full | dots | dots_no_batch (jax.checkpoint around the forward)
       distributed=False,  # call jax.distributed.initialize() (multi-host pods)
       tensorboard=True,  # event files in the workdir
   ))

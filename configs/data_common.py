@@ -30,7 +30,8 @@ def _common(**overrides) -> mlc.ConfigDict:
   config = mlc.ConfigDict(dict(
       name="",  # TFDS builder: refcoco_mixed | grefcoco | deris_synthetic
       builder_config="deris",  # deris | refer (same examples); synthetic: shapes64 | tiny
-      data_dir=None,  # TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      data_dir=mlc.config_dict.placeholder(str),  # TFDS data dir; None = $TFDS_DATA_DIR or
+                                                  # ~/tensorflow_datasets (str when set)
       train_split="train",
       eval_splits=(),
       image_size=(384, 384),  # §2/§8 HierResize img_scale (perception, Swin)

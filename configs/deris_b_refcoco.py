@@ -3,6 +3,8 @@
 Usage: `--config configs/deris_b_refcoco.py` (optionally `:arg`, see `parse_arg`).
 """
 from configs import common
+from configs import data_common
+from configs import eval_common
 
 
 def get_config(arg=None):
@@ -11,4 +13,8 @@ def get_config(arg=None):
   config.model = common.model_config(swin="small", beit3="base", num_queries=10,
                                      max_tokens=20)
   config.model.compat_group_size = 16  # official eval batch per GPU (§4, §8)
+  config.data = data_common.refcoco_data()  # §8; global batch 64 = 16 per device x 4
+  # §9: 20 epochs, epoch 0 at lr/2 (warmup), x0.1 from epoch 14, x0.01 from epoch 18.
+  common.add_training(config, epochs=20, warmup_epochs=1, decay_epochs=(15, 19))
+  config.eval = eval_common.eval_config("deris_b_refcoco", config.data)
   return config

@@ -3,6 +3,8 @@
 Usage: `--config configs/deris_l_grefcoco.py` (optionally `:arg`, see `parse_arg`).
 """
 from configs import common
+from configs import data_common
+from configs import eval_common
 
 
 def get_config(arg=None):
@@ -11,4 +13,8 @@ def get_config(arg=None):
   config.model = common.model_config(swin="base384", beit3="large", num_queries=20,
                                      max_tokens=50)
   config.model.compat_group_size = 1  # official eval batch per GPU (§4, §8)
+  config.data = data_common.grefcoco_data()  # §7/§8; global batch 4 = 1 per device x 4
+  # §9: 6 epochs, no warmup, epoch 5 at lr/10.
+  common.add_training(config, epochs=6, warmup_epochs=0, decay_epochs=(6,))
+  config.eval = eval_common.eval_config("deris_l_grefcoco", config.data)
   return config

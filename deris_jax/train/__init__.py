@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, sharding, the jitted train step, checkpoints, the loop."""

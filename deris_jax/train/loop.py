@@ -1,0 +1,297 @@
+"""The training loop: set-up or exact resume, the jitted steps, logging, evaluation, checkpoints.
+
+  mesh from config.mesh -> Trainer (optimizer, abstract state, shardings)
+  -> state: restored from WORKDIR/checkpoints (exact resume), else --init_from params with a
+     fresh optimizer, else the official initialisers; jit-built straight into its shardings
+  -> for each step: this process's batch -> global sharded arrays -> train step (donated)
+     under jax.transfer_guard("disallow"); metrics stay on the device until a log step
+  -> every log interval: fetch metrics (jax.device_get), console + TensorBoard, and stop
+     with `NonFiniteLossError` if a loss was not finite; checkpoints never save such a state
+  -> evaluation and checkpoints at their intervals; a final checkpoint and evaluation.
+"""
+import dataclasses
+import pathlib
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+
+from deris_jax import checkpoint as ckpt_lib
+from deris_jax.train import checkpointing
+from deris_jax.train import input as input_lib
+from deris_jax.train import params as P
+from deris_jax.train import reporting
+from deris_jax.train import sharding as S
+from deris_jax.train import state as state_lib
+from deris_jax.train import step as step_lib
+
+
+# Steps dispatched ahead of the device: enough to overlap input and compute, few enough that
+# queued batches do not pile up in memory and the progress bar's ETA is real.
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class NonFiniteLossError(RuntimeError):
+  """A train step produced a non-finite loss or gradient norm; the run stopped."""
+
+  def __init__(self, step: int, metrics: Dict[str, float], checkpoint_step: Optional[int],
+               checkpoint_dir: pathlib.Path):
+    self.step, self.metrics, self.checkpoint_step = step, metrics, checkpoint_step
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    kept = (f"the last good checkpoint is step {checkpoint_step} in {checkpoint_dir}"
+            if checkpoint_step is not None else "no checkpoint had been written")
+    super().__init__(f"non-finite loss or gradient at step {step} (0-based); stopping without "
+                     f"saving: {kept}. Metrics of the logged steps: {terms}")
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a call of `train` did (for train.py's summary and for tests)."""
+  steps_done: int  # the state's step when the run ended
+  total_steps: int
+  steps_per_epoch: int
+  stopped: str  # 'finished' | 'stop_at_step' | 'preempted'
+  losses: Dict[int, float]  # 0-based step -> loss, every step run by this call
+  last_checkpoint: Optional[int]
+  eval_results: Dict[str, Dict[str, Any]]  # split -> metrics of the last evaluation
+  resumed_from: Optional[int]
+  skip_seconds: float  # input batches skipped to resume the stream
+
+
+def _due(steps_done: int, every_steps: int, every_epochs: int, steps_per_epoch: int) -> bool:
+  if every_steps:
+    return steps_done % every_steps == 0
+  if every_epochs:
+    return steps_done % (every_epochs * steps_per_epoch) == 0
+  return False
+
+
+def _data_position(step: int, steps_per_epoch: int, config: mlc.ConfigDict) -> Dict[str, int]:
+  pos = input_lib.Position.of_step(step, steps_per_epoch)
+  return dict(epoch=pos.epoch, batch=pos.batch, steps_per_epoch=steps_per_epoch,
+              global_batch=config.data.batch_size, seed=config.train.seed)
+
+
+def _check_resume(meta: Dict[str, Any], position: Dict[str, int], directory) -> None:
+  saved = meta.get("data", {})
+  for key in ("steps_per_epoch", "global_batch", "seed"):
+    if key in saved and saved[key] != position[key]:
+      raise ckpt_lib.CheckpointError(
+          f"{directory}: the checkpoint was written with {key}={saved[key]} but the config "
+          f"gives {position[key]}; an exact resume needs the same input stream. Start a new "
+          "workdir with --init_from to change it.")
+
+
+def load_init_params(directory, trainer: state_lib.Trainer, report) -> Optional[Any]:
+  """`--init_from`: the params of a checkpoint (`deris_jax.checkpoint` format).
+
+  Returns the full parameter tree, or None when the checkpoint covers only part of the model
+  (then `init_state_partial` fills the rest). Unknown paths and shape mismatches raise a
+  CheckpointError naming the first one.
+  """
+  tree, meta = ckpt_lib.restore_params(directory)
+  flat = ckpt_lib.flatten_tree(tree)
+  expected = P.named_leaves(trainer.abstract_state.params)
+  unknown = sorted(set(flat) - set(expected))
+  if unknown:
+    raise ckpt_lib.CheckpointError(
+        f"--init_from {directory}: {len(unknown)} parameters are not in the model built from "
+        f"the config (e.g. '{unknown[0]}'). Is it a checkpoint of this model variant?")
+  for name, value in flat.items():
+    if tuple(np.shape(value)) != tuple(expected[name].shape):
+      raise ckpt_lib.CheckpointError(
+          f"--init_from {directory}: '{name}' has shape {tuple(np.shape(value))} but the "
+          f"model built from the config expects {tuple(expected[name].shape)}")
+  report.log(f"init_from {directory}: {len(flat)}/{len(expected)} parameters "
+             f"(kind {meta.get('kind', '?')})")
+  return flat
+
+
+def _init_state(trainer, config, init_from, report):
+  if init_from is None:
+    return state_lib.init_state(trainer, config.train.seed)
+  flat = load_init_params(init_from, trainer, report)
+  expected = P.named_leaves(trainer.abstract_state.params)
+  if len(flat) < len(expected):  # a partial checkpoint (e.g. backbones only)
+    fresh = state_lib.init_state(trainer, config.train.seed)
+    current = P.named_leaves(fresh.params)
+    missing = len(expected) - len(flat)
+    report.log(f"init_from: {missing} parameters missing from the checkpoint keep their "
+               "official initialisation")
+    flat = {name: flat.get(name, current[name]) for name in expected}
+  params = P.from_checkpoint_tree(ckpt_lib.unflatten(flat), trainer.abstract_state.params,
+                                  source=str(init_from))
+  params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x,
+                        params, trainer.abstract_state.params)
+  return state_lib.init_state(trainer, config.train.seed, params=params)
+
+
+def _evaluate(state, trainer, config, step, report) -> Dict[str, Dict[str, Any]]:
+  """`deris_jax.evaluation.evaluate` on every split of `config.eval.splits`."""
+  from deris_jax import evaluation  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(trainer.graphdef, nnx.State(state.params))
+  results = {}
+  for split in config.eval.splits:
+    with jax.transfer_guard("allow"):
+      results[split] = evaluation.evaluate(model, config, split, mesh=trainer.mesh)
+    metrics = results[split]["metrics"]
+    report.eval_line(step, split, metrics, results[split]["score_threshold"])
+    report.scalars(step, metrics, prefix=f"eval/{split}")
+  return results
+
+
+@dataclasses.dataclass
+class _Run:
+  """The mutable side of one `train` call: the state, metrics not yet fetched, timing."""
+  config: mlc.ConfigDict
+  trainer: state_lib.Trainer
+  ckpt: checkpointing.Checkpointer
+  report: reporting.Reporter
+  state: state_lib.TrainState
+  steps_per_epoch: int
+  last_checkpoint: Optional[int]
+  losses: Dict[int, float] = dataclasses.field(default_factory=dict)
+  eval_results: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+  pending: List[Dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+  interval_start: float = dataclasses.field(default_factory=time.perf_counter)
+  interval_steps: int = 0
+
+  def step(self, train_step, batch, *, first: bool) -> None:
+    """Dispatches one step under the transfer guard; metrics stay on the device."""
+    with jax.transfer_guard("disallow"):
+      self.state, metrics = train_step(self.state, batch)
+    self.pending.append(metrics)
+    if len(self.pending) > MAX_STEPS_IN_FLIGHT:  # bound the dispatch queue (memory, ETA)
+      jax.block_until_ready(self.pending[-1 - MAX_STEPS_IN_FLIGHT])
+    self.interval_steps += 1
+    if first:  # the first step includes tracing and compilation: report it apart
+      jax.block_until_ready(metrics)
+      seconds = time.perf_counter() - self.interval_start
+      self.report.log(f"first step (compile + run) {reporting.format_seconds(seconds)}")
+      self.interval_start, self.interval_steps = time.perf_counter(), 0
+    self.report.advance()
+
+  def collect(self, done: int) -> Dict[str, float]:
+    """Fetches the pending metrics (steps up to `done`), records losses, checks finiteness."""
+    if not self.pending:
+      return {}
+    history = jax.device_get(self.pending)
+    for i, metrics in enumerate(history):
+      self.losses[done - len(history) + i] = float(metrics["loss"])
+    self.pending = []
+    logged = reporting.mean_metrics(history)
+    self.check_finite(logged)
+    return logged
+
+  def log(self, done: int) -> None:
+    elapsed = time.perf_counter() - self.interval_start
+    logged = self.collect(done)
+    if self.interval_steps and elapsed > 0:
+      logged["images_per_s"] = self.interval_steps * self.config.data.batch_size / elapsed
+    self.report.train_line(done, logged)
+    self.report.scalars(done, logged, prefix="train")
+    self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+  def check_finite(self, logged: Dict[str, float]) -> None:
+    first_bad = int(jax.device_get(self.state.first_nonfinite_step))
+    if first_bad >= 0:
+      self.ckpt.wait()
+      raise NonFiniteLossError(first_bad, logged, self.last_checkpoint, self.ckpt.directory)
+
+  def save(self, done: int) -> None:
+    self.check_finite({})
+    self.ckpt.save(self.state, config=self.config,
+                   data_position=_data_position(done, self.steps_per_epoch, self.config))
+    self.last_checkpoint = done
+
+  def evaluate(self, done: int) -> None:
+    self.eval_results = _evaluate(self.state, self.trainer, self.config, done, self.report)
+    self.interval_start = time.perf_counter()  # evaluation time is not training time
+
+
+def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
+          stop_at_step: Optional[int] = None) -> RunResult:
+  """Trains (or resumes) the run of `workdir` until the configured end.
+
+  Args:
+    config: the full config (model, data, loss, optimizer, schedule, train, mesh, sharding).
+    workdir: checkpoints in WORKDIR/checkpoints, TensorBoard events in WORKDIR/tensorboard.
+    init_from: a params checkpoint to start from (ignored when the workdir has a checkpoint).
+    stop_at_step: stop (with a checkpoint) once the state reaches this step, as a preemption
+      would; a later call resumes exactly.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  mesh = S.make_mesh(config.mesh)
+  global_batch = config.data.batch_size
+  spe, num_examples = input_lib.steps_per_epoch(config.data, global_batch)
+  input_lib.check_vocabulary(config.data, config.model)
+  total = config.train.epochs * spe
+  if config.train.max_steps:
+    total = min(total, config.train.max_steps)
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=spe)
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                    async_save=config.train.async_checkpoint)
+  resumed_from = ckpt.latest_step()
+  report = reporting.Reporter(workdir, total_steps=total, start_step=resumed_from or 0,
+                              tensorboard=config.train.tensorboard)
+  report.log(f"mesh {dict(mesh.shape)} over {len(mesh.devices.flat)} devices "
+             f"({jax.devices()[0].platform}), {jax.process_count()} process(es); global batch "
+             f"{global_batch}, {num_examples} training examples, {spe} steps per epoch, "
+             f"{total} steps")
+  t0 = time.perf_counter()
+  if resumed_from is not None:
+    state, meta = ckpt.restore(trainer)
+    _check_resume(meta, _data_position(resumed_from, spe, config), ckpt.directory)
+    report.log(f"resumed from step {resumed_from} in {ckpt.directory}")
+  else:
+    state = _init_state(trainer, config, init_from, report)
+  start = int(jax.device_get(state.step))
+  report.log(f"state ready in {reporting.format_seconds(time.perf_counter() - t0)}")
+
+  stream = input_lib.TrainInput(config.data, global_batch=global_batch, seed=config.train.seed,
+                                steps_per_epoch_=spe, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  run = _Run(config=config, trainer=trainer, ckpt=ckpt, report=report, state=state,
+             steps_per_epoch=spe, last_checkpoint=resumed_from)
+  tc = config.train
+  has_eval = "eval" in config and bool(config.eval.splits)
+  if not has_eval and (tc.eval_every_steps or tc.eval_every_epochs):
+    report.log("no evaluation: the config has no eval section with splits")
+  stopped = "finished"
+  try:
+    batches = stream.batches(start)
+    train_step = step_lib.jit_train_step(trainer)
+    for step in range(start, total):
+      run.step(train_step, S.global_batch(next(batches), mesh), first=step == start)
+      done = step + 1
+      if _due(done, tc.log_every_steps, 0, spe) or done == total:
+        run.log(done)
+      if _due(done, tc.checkpoint_every_steps, tc.checkpoint_every_epochs, spe) and (
+          done != total):
+        run.save(done)
+      if has_eval and _due(done, tc.eval_every_steps, tc.eval_every_epochs, spe) and (
+          done != total):
+        run.evaluate(done)
+      if stop_at_step is not None and done >= stop_at_step and done != total:
+        stopped = "stop_at_step"
+        break
+      if tc.distributed and ckpt.reached_preemption(done):
+        stopped = "preempted"
+        break
+    done = int(jax.device_get(run.state.step))
+    run.collect(done)  # steps after the last log (stop_at_step, preemption)
+    if run.last_checkpoint != done:
+      run.save(done)
+    if stopped == "finished" and has_eval:
+      run.evaluate(done)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    report.close()
+  return RunResult(steps_done=done, total_steps=total, steps_per_epoch=spe, stopped=stopped,
+                   losses=run.losses, last_checkpoint=run.last_checkpoint,
+                   eval_results=run.eval_results, resumed_from=resumed_from,
+                   skip_seconds=stream.skip_seconds)

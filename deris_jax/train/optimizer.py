@@ -1,0 +1,146 @@
+"""The optimizer of reference.md §9, with PyTorch's exact update rules, as optax transforms.
+
+  clip_grad_norm_(0.15) -> Adam(amsgrad, betas (0.9, 0.98), eps 1e-9, weight decay 0)
+  -> learning rate: base lr x per-epoch factor (`schedule`) x the parameter's group multiplier
+Param groups (config `optimizer`): names matching `frozen` (the Swin backbone) are not trained
+and get no optimizer state (the train step splits them off before differentiating); the first
+`lr_multipliers` regex a name matches scales its learning rate (BEiT-3: x0.5); others x1.
+
+Why not optax.adam/amsgrad and clip_by_global_norm: PyTorch's amsgrad keeps the running max
+of the *raw* second moment and divides it by the bias correction afterwards
+(`denom = sqrt(max(v)) / sqrt(1 - b2^t) + eps`); optax takes the max of the *bias-corrected*
+moments, which gives different updates from the second step on. `torch.nn.utils.clip_grad_norm_`
+scales by `max_norm / (norm + 1e-6)` when that is < 1. Both are reproduced here exactly.
+"""
+from typing import Any, Callable, Dict, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+
+from deris_jax.train import params as P
+
+TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (norm + 1e-6)
+
+
+def global_norm(tree) -> jax.Array:
+  """() float32 L2 norm over every leaf."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+  """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (norm_type 2) on the updates."""
+
+  def update(updates, state, params=None):
+    del params
+    coef = jnp.minimum(max_norm / (global_norm(updates) + TORCH_CLIP_EPS), 1.0)
+    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class TorchAdamState(NamedTuple):
+  count: jax.Array  # () int32: optimizer steps taken
+  mu: Any  # first moment (exp_avg)
+  nu: Any  # second moment (exp_avg_sq)
+  nu_max: Any  # running max of nu (max_exp_avg_sq); () when amsgrad is off
+
+
+def scale_by_torch_adam(b1: float, b2: float, eps: float, amsgrad: bool,
+                        ) -> optax.GradientTransformation:
+  """`torch.optim.Adam`'s direction, without the learning rate (weight decay: see below).
+
+  update = (mu / (1 - b1^t)) / (sqrt(nu_or_max) / sqrt(1 - b2^t) + eps), t = 1, 2, ...
+  """
+
+  def init(params):
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # noqa
+    return TorchAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros(),
+                          nu_max=zeros() if amsgrad else ())
+
+  def update(updates, state, params=None):
+    del params
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(jnp.float32), state.mu,
+                      updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g.astype(jnp.float32)),
+                      state.nu, updates)
+    nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
+    second = nu_max if amsgrad else nu
+    bc1 = 1.0 - b1 ** t
+    bc2_sqrt = jnp.sqrt(1.0 - b2 ** t)
+    out = jax.tree.map(lambda m, v, g: ((m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)).astype(
+        g.dtype), mu, second, updates)
+    return out, TorchAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+  return optax.GradientTransformation(init, update)
+
+
+class LearningRateState(NamedTuple):
+  count: jax.Array  # () int32: the 0-based step of the next update
+
+
+def scale_by_learning_rate(schedule: Callable[[jax.Array], jax.Array],
+                           multipliers) -> optax.GradientTransformation:
+  """updates * -schedule(step) * multiplier (a tree of Python floats shaped like params)."""
+
+  def init(params):
+    del params
+    return LearningRateState(count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    lr = schedule(state.count)
+    out = jax.tree.map(lambda g, m: (g * (-lr * m)).astype(g.dtype), updates, multipliers)
+    return out, LearningRateState(count=state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def lr_multiplier(name: str, opt_config: mlc.ConfigDict) -> float:
+  """The learning-rate multiplier of a (trainable) parameter: the first matching rule, else 1."""
+  for pattern, multiplier in opt_config.lr_multipliers:
+    if P.matches_any(name, (pattern,)):
+      return float(multiplier)
+  return 1.0
+
+
+def param_groups(params, opt_config: mlc.ConfigDict) -> Dict[str, str]:
+  """{parameter name: 'frozen' | 'lr x{multiplier}'}: who is trained at which rate."""
+  return {name: ("frozen" if P.matches_any(name, opt_config.frozen)
+                 else f"lr x{lr_multiplier(name, opt_config):g}")
+          for name in P.named_leaves(params)}
+
+
+_OPTIMIZERS = ("adam",)
+
+
+def build_optimizer(opt_config: mlc.ConfigDict, schedule: Callable[[jax.Array], jax.Array],
+                    trainable_params) -> optax.GradientTransformation:
+  """The optimizer of the trainable parameters (a tree shaped like `trainable_params`).
+
+  Args:
+    opt_config: the `optimizer` config section.
+    schedule: step -> base learning rate x epoch factor (`schedule.make_lr_schedule`).
+    trainable_params: the trainable subtree (arrays or ShapeDtypeStructs); it fixes the
+      per-parameter learning-rate multipliers.
+  """
+  if opt_config.name not in _OPTIMIZERS:
+    raise ValueError(f"unknown optimizer '{opt_config.name}' (config optimizer.name); known: "
+                     f"{_OPTIMIZERS}")
+  multipliers = P.map_with_names(lambda name, _: lr_multiplier(name, opt_config),
+                                 trainable_params)
+  chain = []
+  if opt_config.clip_norm:
+    chain.append(clip_by_global_norm_torch(opt_config.clip_norm))
+  if opt_config.weight_decay:  # torch Adam: L2 added to the (clipped) gradient
+    chain.append(optax.add_decayed_weights(opt_config.weight_decay))
+  chain.append(scale_by_torch_adam(opt_config.b1, opt_config.b2, opt_config.eps,
+                                   opt_config.amsgrad))
+  chain.append(scale_by_learning_rate(schedule, multipliers))
+  return optax.chain(*chain)

@@ -1,0 +1,109 @@
+"""Parameter trees of the train state: names, the trainable/frozen split, checkpoint layout.
+
+The train state holds the model parameters as the NNX pure dict (`nnx.to_pure_dict` of
+`nnx.state(model, nnx.Param)`): nested dicts whose keys are attribute names (str) and list
+indices (int), so `nnx.merge(graphdef, nnx.State(params))` rebuilds the model. A parameter's
+*name* joins its path with dots ('decoder.query_SA.0.norm.scale'), the form the regex rules
+of the optimizer and sharding match and the `params` item of a checkpoint uses
+(`deris_jax.checkpoint`: nested dicts with string keys).
+"""
+import re
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+
+import jax
+from flax import nnx
+
+Tree = Dict[Any, Any]
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def path_name(path) -> str:
+  """A jax key path -> 'a.b.0.c'."""
+  return ".".join(_key_name(entry) for entry in path)
+
+
+def named_leaves(tree) -> Dict[str, Any]:
+  """{dotted name: leaf} of any pytree (dicts, lists, NamedTuples, dataclasses)."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def map_with_names(fn: Callable[[str, Any], Any], tree):
+  """tree_map whose function also receives the leaf's dotted name."""
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_name(path), leaf), tree)
+
+
+def model_params(model: nnx.Module) -> Tree:
+  """The model's parameters as the train state holds them (NNX pure dict)."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+  return any(re.search(p, name) for p in patterns)
+
+
+def split_frozen(params: Mapping, frozen_patterns: Sequence[str]) -> Tuple[Tree, Tree]:
+  """(trainable, frozen): two trees with the same nesting, each holding its own leaves only.
+
+  A leaf is frozen when its dotted name matches one of `frozen_patterns` (re.search).
+  Sub-dicts left empty are dropped, so the optimizer sees the trainable leaves only.
+  """
+  def split(node, prefix):
+    trainable, frozen = {}, {}
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, Mapping):
+        t, f = split(value, name + ".")
+        if t:
+          trainable[key] = t
+        if f:
+          frozen[key] = f
+      elif matches_any(name, frozen_patterns):
+        frozen[key] = value
+      else:
+        trainable[key] = value
+    return trainable, frozen
+
+  return split(params, "")
+
+
+def merge_trees(a: Mapping, b: Mapping) -> Tree:
+  """The union of two trees with disjoint leaves (inverse of `split_frozen`)."""
+  out = dict(a)
+  for key, value in b.items():
+    if key in out:
+      if not (isinstance(out[key], Mapping) and isinstance(value, Mapping)):
+        raise ValueError(f"merge_trees: leaf '{key}' is in both trees")
+      out[key] = merge_trees(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def to_checkpoint_tree(params: Mapping) -> Tree:
+  """Train-state params (int list keys) -> the checkpoint `params` layout (string keys)."""
+  return {str(k): to_checkpoint_tree(v) if isinstance(v, Mapping) else v
+          for k, v in params.items()}
+
+
+def from_checkpoint_tree(tree: Mapping, template: Mapping, *, source: str = "checkpoint") -> Tree:
+  """A checkpoint `params` tree -> the key types and nesting of `template` (train params).
+
+  Raises KeyError naming the first dotted path of `template` missing from `tree`.
+  """
+  def convert(node, tmpl, prefix):
+    out = {}
+    for key, value in tmpl.items():
+      name = f"{prefix}{key}"
+      if str(key) not in node:
+        raise KeyError(f"{source}: parameter '{name}' is missing")
+      sub = node[str(key)]
+      out[key] = convert(sub, value, name + ".") if isinstance(value, Mapping) else sub
+    return out
+
+  return convert(tree, template, "")

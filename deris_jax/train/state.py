@@ -1,0 +1,132 @@
+"""The train state, its abstract shapes and shardings, and its jit-initialisation into them.
+
+Everything training needs to continue exactly lives in one pytree, donated to every step:
+  step                  () int32, steps taken (= the next step's 0-based index)
+  params                every model parameter (NNX pure dict; `deris_jax.train.params`)
+  opt_state             optimizer state of the trainable parameters only (frozen: none)
+  rng                   key data (uint32) of the training key (dropout, drop path, points)
+  first_nonfinite_step  () int32, -1 while every loss and gradient was finite; else the first
+                        step that was not (that step's update was skipped)
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+from flax import nnx
+
+from deris_jax.models import deris as deris_model
+from deris_jax.train import params as P
+from deris_jax.train import sharding as S
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  first_nonfinite_step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The static pieces shared by init, the step and checkpointing (no arrays inside)."""
+  config: mlc.ConfigDict
+  graphdef: Any  # nnx.GraphDef of DeRIS
+  tx: optax.GradientTransformation
+  lr_schedule: Callable[[jax.Array], jax.Array]  # step -> base lr x epoch factor
+  frozen_patterns: tuple
+  abstract_state: TrainState  # ShapeDtypeStructs
+  state_shardings: TrainState  # NamedShardings
+  mesh: jax.sharding.Mesh
+
+  def split_params(self, params):
+    """(trainable, frozen) parameter trees."""
+    return P.split_frozen(params, self.frozen_patterns)
+
+
+def frozen_patterns(config: mlc.ConfigDict) -> tuple:
+  """The `optimizer.frozen` regexes, checked against `model.freeze_swin`."""
+  patterns = tuple(config.optimizer.frozen)
+  swin_frozen = any(P.matches_any("swin.patch_embed.proj.kernel", (p,)) for p in patterns)
+  if bool(config.model.get("freeze_swin", True)) != swin_frozen:
+    raise ValueError(
+        f"config model.freeze_swin={config.model.get('freeze_swin', True)} but "
+        f"optimizer.frozen={patterns} {'freezes' if swin_frozen else 'trains'} the Swin "
+        "backbone: set both consistently (the model stops its gradient when frozen)")
+  return patterns
+
+
+def init_params_fn(model_config: mlc.ConfigDict) -> Callable[[jax.Array], Any]:
+  """key -> freshly initialised params (the official initialisers; jit it)."""
+  def init(key):
+    model = deris_model.DeRIS(model_config, rngs=deris_model.KeySequence(key))
+    return P.model_params(model)
+  return init
+
+
+def make_trainer(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, *, steps_per_epoch: int
+                 ) -> Trainer:
+  """Builds the optimizer, the abstract state and its shardings (no parameter is allocated)."""
+  from deris_jax.train import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
+  from deris_jax.train import schedule as sched_lib  # pylint: disable=g-import-not-at-top
+  patterns = frozen_patterns(config)
+  graphdef, _ = nnx.split(deris_model.abstract_model(config.model))
+  abstract_params = jax.eval_shape(init_params_fn(config.model), jax.random.key(0))
+  trainable, _ = P.split_frozen(abstract_params, patterns)
+  lr_schedule = sched_lib.make_lr_schedule(
+      config.optimizer.lr, config.schedule, epochs=config.train.epochs,
+      steps_per_epoch=steps_per_epoch)
+  tx = opt_lib.build_optimizer(config.optimizer, lr_schedule, trainable)
+  abstract_state = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32),
+      params=abstract_params,
+      opt_state=jax.eval_shape(tx.init, trainable),
+      rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+      first_nonfinite_step=jax.ShapeDtypeStruct((), jnp.int32))
+  shardings = TrainState(
+      step=S.replicated(mesh),
+      params=S.tree_shardings(abstract_state.params, mesh, config.sharding, "params."),
+      opt_state=S.tree_shardings(abstract_state.opt_state, mesh, config.sharding, "opt_state."),
+      rng=S.replicated(mesh),
+      first_nonfinite_step=S.replicated(mesh))
+  return Trainer(config=config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                 frozen_patterns=patterns, abstract_state=abstract_state,
+                 state_shardings=shardings, mesh=mesh)
+
+
+def _state_from(trainer: Trainer, params, rng_key) -> TrainState:
+  trainable, _ = trainer.split_params(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=trainer.tx.init(trainable),
+                    rng=jax.random.key_data(rng_key),
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def keys_from_seed(seed: int):
+  """(model init key, training key) of a seed."""
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  return init_key, train_key
+
+
+def init_state(trainer: Trainer, seed: int, params: Optional[Any] = None) -> TrainState:
+  """A fresh train state built directly into its shardings by one jitted program.
+
+  Args:
+    seed: config.train.seed; it gives the model-init key (unless `params`) and the train key.
+    params: start from these parameters (e.g. `--init_from`), sharded like the state's params
+      or host arrays; None initialises them with the official initialisers.
+  """
+  init_key, train_key = keys_from_seed(seed)
+  train_key_data = jax.random.key_data(train_key)
+  if params is None:
+    init_params = init_params_fn(trainer.config.model)
+    fn = lambda k, t: _state_from(trainer, init_params(k), jax.random.wrap_key_data(t))  # noqa
+    return jax.jit(fn, out_shardings=trainer.state_shardings)(init_key, train_key_data)
+  params = jax.device_put(params, trainer.state_shardings.params)
+  fn = lambda p, t: _state_from(trainer, p, jax.random.wrap_key_data(t))  # noqa
+  return jax.jit(fn, out_shardings=trainer.state_shardings)(params, train_key_data)

@@ -1,0 +1,88 @@
+"""The train step: one jitted, sharded program from (state, batch) to (next state, metrics).
+
+forward (train=True: drop path, dropout) -> `losses.deris_loss` (matching, point sampling,
+all terms on the device) -> gradients of the trainable parameters only -> the optimizer
+(clip, Adam, per-group learning rate). The state is donated. The step's key is
+`fold_in(train key, step)`, so a resumed run draws exactly what an uninterrupted run draws.
+
+Non-finite losses: a step whose loss or gradient norm is not finite records its index in
+`first_nonfinite_step` (one scalar; no host round trip per step). The loop reads it at every
+log and before every checkpoint, and stops without saving, so a checkpoint never holds the
+parameters of a non-finite step and the last one written is good.
+
+Memory: `config.model.remat` recomputes the BEiT-3 layers in the backward pass (the frozen
+Swin keeps no activations for the backward at all).
+"""
+from typing import Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deris_jax import losses
+from deris_jax.train import optimizer as opt_lib
+from deris_jax.train import params as P
+from deris_jax.train import sharding as S
+from deris_jax.train.state import Trainer, TrainState
+
+MODEL_INPUTS = ("image", "image_mini", "text_ids", "text_padding_mask")
+TARGETS = ("gt_masks", "gt_valid", "exists", "weight")
+BATCH_KEYS = MODEL_INPUTS + TARGETS  # what the step reads from a pipeline batch
+
+def model_loss_inputs(out) -> Dict[str, jax.Array]:
+  """The `DerisOutput` fields `losses.deris_loss` reads."""
+  return dict(pred_masks=out.pred_masks, refer_logits=out.refer_logits,
+              existence_logit=out.existence_logit, aux_pred_masks=out.aux_pred_masks,
+              aux_refer_logits=out.aux_refer_logits)
+
+
+def make_loss_fn(trainer: Trainer) -> Callable:
+  """(trainable, frozen, batch, key) -> (loss, metrics); differentiable in `trainable`."""
+  config = trainer.config
+
+  def forward(params, inputs, dropout_key):
+    model = nnx.merge(trainer.graphdef, nnx.State(params))
+    out = model(*(inputs[k] for k in MODEL_INPUTS), train=True,
+                rngs=nnx.Rngs(dropout=dropout_key))
+    return model_loss_inputs(out)
+
+  def loss_fn(trainable, frozen, batch, key):
+    dropout_key, loss_key = jax.random.split(key)
+    outputs = forward(P.merge_trees(trainable, frozen), {k: batch[k] for k in MODEL_INPUTS},
+                      dropout_key)
+    targets = {k: batch[k] for k in TARGETS}
+    return losses.deris_loss(outputs, targets, loss_key, config=config.loss)
+
+  return loss_fn
+
+
+def train_step_fn(trainer: Trainer) -> Callable[[TrainState, dict], Tuple[TrainState, dict]]:
+  """The un-jitted step (see `jit_train_step`)."""
+  loss_fn = make_loss_fn(trainer)
+
+  def step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trainable, frozen = trainer.split_params(state.params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen,
+                                                                       batch, key)
+    grad_norm = opt_lib.global_norm(grads)
+    updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable)
+    new_params = P.merge_trees(optax.apply_updates(trainable, updates), frozen)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                          state.first_nonfinite_step)
+    metrics = dict(metrics, grad_norm=grad_norm, lr=trainer.lr_schedule(state.step))
+    new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state,
+                           rng=state.rng, first_nonfinite_step=first_bad.astype(jnp.int32))
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(trainer: Trainer):
+  """The jitted step: state sharded by its rules, batch over data x fsdp, state donated."""
+  return jax.jit(train_step_fn(trainer),
+                 in_shardings=(trainer.state_shardings, S.batch_sharding(trainer.mesh)),
+                 out_shardings=(trainer.state_shardings, S.replicated(trainer.mesh)),
+                 donate_argnums=(0,))

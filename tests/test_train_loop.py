@@ -1,0 +1,229 @@
+"""The training loop: exact resume, atomic checkpoints, --init_from, NaN stop, train.py, logs.
+
+All runs train the micro DeRIS (configs/deris_micro.py) on the tiny synthetic set (72
+training examples, 9 steps of 8 per epoch) over the 8 fake CPU devices, starting from host
+parameters saved as a 'pretrained' checkpoint (`--init_from`), so no test compiles the
+random initialisers. The loop's train step is the same program in every run (the persistent
+compilation cache of conftest.py serves the repeats).
+"""
+import os
+import pathlib
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from deris_jax import checkpoint as ckpt_lib
+from deris_jax.config_loader import load_config
+from deris_jax.data import prepare
+from deris_jax.train import checkpointing
+from deris_jax.train import loop
+from deris_jax.train import params as P
+from deris_jax.train import sharding as S
+from deris_jax.train import state as state_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 11  # crosses the epoch boundary (9 steps per epoch)
+STOP_AT = 5  # the interrupted run stops here; its resume skips 5 batches of epoch 0
+
+
+def _micro_config(data_dir, *overrides):
+  return load_config(str(ROOT / "configs" / "deris_micro.py"),
+                     [f"data.data_dir={data_dir}", f"train.max_steps={TOTAL_STEPS}",
+                      "train.tensorboard=True", "train.checkpoint_every_steps=4", *overrides])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """Prepared tiny synthetic data and a params-only 'pretrained' checkpoint of the micro model."""
+  root = tmp_path_factory.mktemp("train_loop")
+  data_dir = root / "tfds"
+  prepare.prepare("synthetic", data_dir=str(data_dir), config="tiny")
+  config = _micro_config(data_dir)
+  abstract = jax.eval_shape(state_lib.init_params_fn(config.model), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  params = P.map_with_names(
+      lambda name, leaf: ((1.0 if name.endswith("scale") else 0.0)
+                          + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), abstract)
+  init_dir = root / "init"
+  ckpt_lib.save_params(init_dir, P.to_checkpoint_tree(params),
+                       metadata=dict(kind="pretrained", config=config.model.to_dict()))
+  return dict(root=root, data_dir=data_dir, init_dir=init_dir, params=params)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+  workdir = setup["root"] / "uninterrupted"
+  config = _micro_config(setup["data_dir"])
+  result = loop.train(config, workdir, init_from=str(setup["init_dir"]))
+  return dict(workdir=workdir, result=result, config=config)
+
+
+def test_uninterrupted_run(uninterrupted):
+  result = uninterrupted["result"]
+  assert result.steps_per_epoch == 9 and result.total_steps == TOTAL_STEPS
+  assert result.stopped == "finished" and result.steps_done == TOTAL_STEPS
+  assert sorted(result.losses) == list(range(TOTAL_STEPS))
+  assert all(np.isfinite(v) for v in result.losses.values())
+  # checkpoint_every_steps=4, plus the final step
+  assert checkpointing.Checkpointer(uninterrupted["workdir"] / "checkpoints", keep=3,
+                                    async_save=False).all_steps() == [4, 8, 11]
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(setup, uninterrupted):
+  workdir = setup["root"] / "resumed"
+  config = _micro_config(setup["data_dir"])
+  first = loop.train(config, workdir, init_from=str(setup["init_dir"]), stop_at_step=STOP_AT)
+  assert first.stopped == "stop_at_step" and first.steps_done == STOP_AT
+  assert first.last_checkpoint == STOP_AT
+  second = loop.train(config, workdir, init_from="/nonexistent/ignored/when/resuming")
+  assert second.resumed_from == STOP_AT and second.steps_done == TOTAL_STEPS
+  losses = {**first.losses, **second.losses}
+  want = uninterrupted["result"].losses
+  assert sorted(losses) == sorted(want)
+  np.testing.assert_array_equal([losses[s] for s in sorted(want)],
+                                [want[s] for s in sorted(want)])
+  ours, _ = ckpt_lib.restore_params(workdir / "checkpoints")
+  theirs, _ = ckpt_lib.restore_params(uninterrupted["workdir"] / "checkpoints")
+  for name, value in ckpt_lib.flatten_tree(theirs).items():
+    np.testing.assert_array_equal(ckpt_lib.flatten_tree(ours)[name], value, err_msg=name)
+
+
+def test_checkpoint_is_readable_by_eval_and_records_the_input_position(uninterrupted):
+  directory = uninterrupted["workdir"] / "checkpoints"
+  model, meta = ckpt_lib.load_model(directory, uninterrupted["config"].model)
+  assert meta["kind"] == "train" and meta["step"] == TOTAL_STEPS
+  assert meta["data"] == dict(epoch=1, batch=2, steps_per_epoch=9, global_batch=8, seed=0)
+  assert meta["config"]["optimizer"]["lr"] == uninterrupted["config"].optimizer.lr
+  tree, _ = ckpt_lib.restore_params(directory)
+  kernel = ckpt_lib.flatten_tree(tree)["decoder.SEG_cls.kernel"]
+  np.testing.assert_array_equal(np.asarray(model.decoder.SEG_cls.kernel[...]), kernel)
+
+
+def test_resume_with_another_input_stream_is_refused(setup, uninterrupted, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(uninterrupted["workdir"], workdir)
+  config = _micro_config(setup["data_dir"], "data.batch_size=16")
+  with pytest.raises(ckpt_lib.CheckpointError, match="steps_per_epoch=9 but the config gives 5"):
+    loop.train(config, workdir)
+
+
+def test_init_from_checks_shapes(setup, tmp_path):
+  config = _micro_config(setup["data_dir"], "model.num_queries=5")
+  with pytest.raises(ckpt_lib.CheckpointError, match="init_query.embedding' has shape"):
+    loop.train(config, tmp_path / "w", init_from=str(setup["init_dir"]))
+
+
+def _events(directory: pathlib.Path):
+  """(tag, step, value) of every scalar in the TensorBoard event files of `directory`."""
+  out = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        out.append((value.tag, event.step, value.simple_value))
+  return out
+
+
+def test_tensorboard_has_the_loss_terms_lr_and_grad_norm(uninterrupted):
+  events = _events(uninterrupted["workdir"] / "tensorboard")
+  tags = {tag for tag, _, _ in events}
+  for tag in ("train/loss", "train/total/loss_class", "train/total/loss_mask",
+              "train/total/loss_label_nt", "train/raw/loss_dice", "train/lr",
+              "train/grad_norm", "train/images_per_s"):
+    assert tag in tags, f"{tag} missing from {sorted(tags)}"
+  logged = {step: value for tag, step, value in events if tag == "train/loss"}
+  losses = uninterrupted["result"].losses
+  np.testing.assert_allclose(logged[2], np.mean([losses[0], losses[1]]), rtol=1e-6)
+
+
+def _subprocess_env():
+  """conftest's XLA_FLAGS (8 devices) and compilation cache: the programs of these tests."""
+  env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+  return env
+
+
+def _run_train_py(args, timeout=600):
+  return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                        env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_py_stops_on_nan_and_keeps_the_last_good_checkpoint(setup, uninterrupted,
+                                                                   tmp_path):
+  """train.py resumes at step 11; zero std makes the images inf/NaN, so step 11 is not finite."""
+  workdir = tmp_path / "nan"
+  shutil.copytree(uninterrupted["workdir"], workdir)
+  proc = _run_train_py([
+      "--config", str(ROOT / "configs" / "deris_micro.py"), "--workdir", str(workdir),
+      f"--config.data.data_dir={setup['data_dir']}", "--config.train.max_steps=14",
+      "--config.train.checkpoint_every_steps=4",
+      "--config.data.std=(0.0, 0.0, 0.0)", "--config.train.tensorboard=False"])
+  assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "resumed from step 11" in proc.stdout
+  assert "non-finite loss or gradient at step 11 (0-based)" in proc.stderr
+  assert "the last good checkpoint is step 11" in proc.stderr
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
+  assert ckpt.latest_step() == 11
+  tree, _ = ckpt_lib.restore_params(workdir / "checkpoints")
+  assert all(np.all(np.isfinite(v)) for v in ckpt_lib.flatten_tree(tree).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# A save killed half-way leaves the previous checkpoint usable.
+
+_KILL_CHILD = r"""
+import os, signal, sys, pathlib
+import jax, numpy as np
+sys.path.insert(0, {root!r})
+from deris_jax.config_loader import load_config
+from deris_jax.train import checkpointing, sharding as S, state as state_lib, params as P
+config = load_config({config!r})
+trainer = state_lib.make_trainer(config, S.make_mesh(config.mesh), steps_per_epoch=9)
+abstract = trainer.abstract_state.params
+params = P.map_with_names(lambda n, a: np.full(a.shape, float(len(n)), a.dtype), abstract)
+state = state_lib.init_state(trainer, 0, params=params)
+ckpt = checkpointing.Checkpointer({directory!r}, keep=3, async_save=True)
+ckpt.save(state, config=config, data_position=dict(epoch=0, batch=1))
+ckpt.wait()
+plus_one = jax.tree.map(lambda x: x + 1, params)
+state = state.replace(step=state.step + 1,
+                      params=jax.device_put(plus_one, trainer.state_shardings.params))
+ckpt.save(state, config=config, data_position=dict(epoch=0, batch=2))
+pending = [p.name for p in pathlib.Path({directory!r}).iterdir() if "tmp" in p.name]
+pathlib.Path({marker!r}).write_text(" ".join(pending))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path):
+  directory, marker = tmp_path / "ckpt", tmp_path / "pending.txt"
+  code = _KILL_CHILD.format(root=str(ROOT), config=str(ROOT / "configs" / "deris_micro.py"),
+                            directory=str(directory), marker=str(marker))
+  proc = subprocess.run([sys.executable, "-c", code], env=_subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert marker.read_text().strip(), "the second save had finished before the kill"
+  config = load_config(str(ROOT / "configs" / "deris_micro.py"))
+  trainer = state_lib.make_trainer(config, S.make_mesh(config.mesh), steps_per_epoch=9)
+  ckpt = checkpointing.Checkpointer(directory, keep=3, async_save=False)
+  assert ckpt.all_steps() == [0]
+  state, meta = ckpt.restore(trainer)
+  assert int(state.step) == 0 and meta["data"]["batch"] == 1
+  for name, value in P.named_leaves(state.params).items():
+    np.testing.assert_array_equal(np.asarray(value), float(len(name)), err_msg=name)
+  assert not [p for p in directory.iterdir() if "tmp" in p.name]  # cleaned up on open
+  ckpt.save(state.replace(step=state.step + 1), config=config, data_position={})
+  assert ckpt.all_steps() == [0, 1]
+  ckpt.close()

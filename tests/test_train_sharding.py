@@ -1,0 +1,228 @@
+"""The sharded train step equals the single-device step, and two processes equal one.
+
+On the 8 fake CPU devices of conftest.py: the micro DeRIS (configs/deris_micro.py) takes the
+same two steps on one device and on the meshes (data, fsdp) = (8, 1), (4, 2), (1, 8); losses
+and updated parameters agree to rtol 1e-5. Then two processes on localhost, 4 devices each,
+joined by `jax.distributed.initialize` with gloo CPU collectives, take the same steps on a
+(4, 2) mesh spanning both: same losses and parameters as the single device.
+
+Run as a script (`python tests/test_train_sharding.py worker ...`) this file is one process
+of that multi-host run.
+"""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental import multihost_utils
+
+from deris_jax.config_loader import load_config
+from deris_jax.train import params as P
+from deris_jax.train import sharding as S
+from deris_jax.train import state as state_lib
+from deris_jax.train import step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MESHES = ((8, 1), (4, 2), (1, 8))
+NUM_STEPS = 2
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+STEPS_PER_EPOCH = 9  # as the loop's on the tiny synthetic set: the (8, 1) program is shared
+RTOL = 1e-5
+
+
+def micro_config(data: int = -1, fsdp: int = 1):
+  """The micro config (its Adam eps is raised for these comparisons) on a (data, fsdp) mesh."""
+  config = load_config(str(ROOT / "configs" / "deris_micro.py"))
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  return config
+
+
+def host_params(config, seed: int = 0):
+  """Deterministic parameters made on the host (no compiled initialiser needed)."""
+  abstract = jax.eval_shape(state_lib.init_params_fn(config.model), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def make(name, leaf):
+    base = 1.0 if name.endswith("scale") else 0.0
+    return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+  return P.map_with_names(make, abstract)
+
+
+def host_batches(config, num_steps: int, seed: int = 0):
+  """Global batches: random images and tokens, rectangle targets, one padding example."""
+  rng = np.random.default_rng(seed)
+  b, k = config.data.batch_size, config.data.max_instances
+  h, w = config.model.image_size
+  hm, wm = config.model.cognition_image_size
+  length = config.model.max_tokens
+  batches = []
+  for _ in range(num_steps):
+    num_targets = rng.integers(0, k + 1, b)
+    masks = np.zeros((b, k, h, w), np.uint8)
+    for i in range(b):
+      for j in range(num_targets[i]):
+        y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
+        masks[i, j, y:y + rng.integers(3, h - y), x:x + rng.integers(3, w - x)] = 1
+    lengths = rng.integers(3, length + 1, b)
+    padding = (np.arange(length)[None] >= lengths[:, None]).astype(np.int32)
+    weight = np.ones((b,), np.float32)
+    weight[-1] = 0.0  # a padding example
+    batches.append(dict(
+        image=rng.standard_normal((b, h, w, 3)).astype(np.float32),
+        image_mini=rng.standard_normal((b, hm, wm, 3)).astype(np.float32),
+        text_ids=np.where(padding == 1, 1, rng.integers(3, 200, (b, length))).astype(np.int32),
+        text_padding_mask=padding, gt_masks=masks,
+        gt_valid=np.arange(k)[None] < num_targets[:, None],
+        exists=(num_targets > 0).astype(np.int32), weight=weight))
+  return batches
+
+
+def run_steps(config, mesh, params, batches):
+  """(per-step losses, final params as host arrays, the final state) on `mesh`."""
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=STEPS_PER_EPOCH)
+  state = state_lib.init_state(trainer, config.train.seed, params=params)
+  train_step = step_lib.jit_train_step(trainer)
+  rows = S.process_rows(config.data.batch_size, mesh)
+  losses = []
+  for batch in batches:
+    local = {k: v[rows] for k, v in batch.items()}
+    with jax.transfer_guard("disallow"):
+      state, metrics = train_step(state, S.global_batch(local, mesh))
+    losses.append(float(jax.device_get(metrics["loss"])))
+  final = multihost_utils.process_allgather(state.params, tiled=True)
+  return losses, final, state
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in P.named_leaves(tree).items()}
+
+
+def _assert_same(got_losses, got_params, want_losses, want_params, what):
+  np.testing.assert_allclose(got_losses, want_losses, rtol=RTOL, err_msg=f"{what}: losses")
+  got, want = _flat(got_params), _flat(want_params)
+  assert got.keys() == want.keys()
+  worst = max(np.max(np.abs(got[k] - want[k]) / (np.abs(want[k]) + 1e-3)) for k in want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=1e-7,
+                               err_msg=f"{what}: parameter {name} (worst rel. {worst:.2e})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests (pytest process, 8 fake devices).
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """Parameters, batches and the single-device run every other run is compared with."""
+  config = micro_config()
+  params = host_params(config)
+  batches = host_batches(config, NUM_STEPS)
+  mesh = S.make_mesh(config.mesh, devices=jax.devices()[:1])
+  losses, final, _ = run_steps(config, mesh, params, batches)
+  return dict(params=params, batches=batches, losses=losses, final=final)
+
+
+def test_single_device_steps_update_the_trainable_parameters(reference):
+  ref = reference
+  assert all(np.isfinite(ref["losses"]))
+  moved = [np.max(np.abs(a - b)) for a, b in zip(_flat(ref["final"]).values(),
+                                                 _flat(ref["params"]).values())]
+  assert max(moved) > 1e-5  # the steps changed the trainable parameters
+  swin = [v for k, v in _flat(ref["final"]).items() if k.startswith("swin.")]
+  swin0 = [v for k, v in _flat(ref["params"]).items() if k.startswith("swin.")]
+  assert all(np.array_equal(a, b) for a, b in zip(swin, swin0))  # frozen
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=[f"data{d}_fsdp{f}" for d, f in MESHES])
+def test_sharded_step_equals_single_device(reference, mesh_shape):
+  ref = reference
+  config = micro_config(*mesh_shape)
+  mesh = S.make_mesh(config.mesh)
+  assert dict(mesh.shape) == {"data": mesh_shape[0], "fsdp": mesh_shape[1]}
+  losses, final, state = run_steps(config, mesh, ref["params"], ref["batches"])
+  _assert_same(losses, final, ref["losses"], ref["final"], f"mesh {mesh_shape}")
+  specs = {k: v.sharding.spec for k, v in _flat_arrays(state.params).items()}
+  if mesh_shape[1] > 1:  # fsdp shards parameters, and each moment like its parameter
+    assert any("fsdp" in str(s) for s in specs.values())
+    mu = _flat_arrays(state.opt_state)
+    for name, leaf in mu.items():
+      if ".mu." in name:
+        assert leaf.sharding.spec == specs[name.split(".mu.", 1)[1]], name
+  else:
+    assert all(all(a is None for a in s) for s in specs.values())
+
+
+def _flat_arrays(tree):
+  return P.named_leaves(tree)
+
+
+def _with_device_count(xla_flags: str, count: int) -> str:
+  flags = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  return " ".join(flags + [f"{DEVICE_COUNT_FLAG}={count}"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(reference, tmp_path):
+  ref = reference
+  port = _free_port()
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), 4)  # conftest's flags
+  env["PYTHONPATH"] = str(ROOT)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["DERIS_JAX_CACHE"] = jax.config.jax_compilation_cache_dir
+  procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port),
+                             str(tmp_path / f"out{i}")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  for i in range(2):
+    result = json.loads((tmp_path / f"out{i}.json").read_text())
+    assert result["process_count"] == 2 and result["devices"] == 8
+    assert result["local_devices"] == 4 and result["mesh"] == {"data": 4, "fsdp": 2}
+    with np.load(tmp_path / f"out{i}.npz") as data:
+      final = {k: data[k] for k in data.files}
+    want = _flat(ref["final"])
+    np.testing.assert_allclose(result["losses"], ref["losses"], rtol=RTOL,
+                               err_msg=f"process {i}: losses")
+    for name in want:
+      np.testing.assert_allclose(final[name], want[name], rtol=RTOL, atol=1e-7,
+                                 err_msg=f"process {i}: parameter {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One process of the multi-host run.
+
+
+def worker(process_id: int, port: int, out_prefix: str) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_compilation_cache_dir", os.environ["DERIS_JAX_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=process_id)
+  config = micro_config(4, 2)
+  mesh = S.make_mesh(config.mesh)
+  params = host_params(config)
+  batches = host_batches(config, NUM_STEPS)
+  losses, final, _ = run_steps(config, mesh, params, batches)
+  pathlib.Path(out_prefix + ".json").write_text(json.dumps(dict(
+      losses=losses, process_count=jax.process_count(), devices=jax.device_count(),
+      local_devices=jax.local_device_count(), mesh=dict(mesh.shape))))
+  np.savez(out_prefix + ".npz", **_flat(final))
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
+  worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
