@@ -6,17 +6,22 @@
   python bench.py --mode data                          # tf.data examples/s (see deris_jax.data)
 
 For each batch size it prints the compile time, the median step time over `--steps` timed
-steps (after `--warmup`), images/s, peak device memory (host RSS on CPU), FLOPs per image from
-XLA's cost analysis and, with `--peak_tflops`, the model FLOP utilisation. `--profile DIR`
-writes a TensorBoard trace of the timed steps. Parameters are randomly initialised; the
-numbers do not depend on their values.
+steps (after `--warmup`), images/s, peak device memory (host RSS on CPU), the memory XLA's
+buffer assignment needs for the program (`xla_mem_gib`), the number of HLO instructions of the
+optimised program, FLOPs per image from XLA's cost analysis and, with `--peak_tflops`, the
+model FLOP utilisation. `--profile DIR` writes a TensorBoard trace of the timed steps.
+`--max_batch` also prints the largest batch whose program fits the device memory (or
+`--memory_gib`), from XLA's memory analysis: a line through the measured batches, confirmed
+by compiling the predicted batch. Parameters are randomly initialised; the numbers do not
+depend on their values.
 """
 import argparse
 import json
+import math
 import resource
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +38,68 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None):
-  """(compile seconds, median seconds per call, XLA flops per call) of jitted `fn(*args)`."""
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
+def compiled_stats(compiled) -> Dict[str, float]:
+  """XLA's view of a compiled program: flops per call (per device), the bytes its buffers
+  need on one device (arguments + outputs + temporaries - donated aliases), HLO instructions."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  flops = float((cost or {}).get("flops", float("nan")))
+  memory = compiled.memory_analysis()
+  if memory is None:
+    mem_bytes = float("nan")
+  else:
+    mem_bytes = float(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                      + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  text = compiled.as_text() or ""
+  hlo_ops = sum(1 for line in text.splitlines()
+                if " = " in line and not line.startswith("HloModule"))  # instructions
+  return dict(flops=float((cost or {}).get("flops", float("nan"))), mem_bytes=mem_bytes,
+              hlo_ops=hlo_ops)
+
+
+def device_memory_limit() -> float:
+  """Bytes the backend lets device 0 use (NaN where it does not say, e.g. on CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get("bytes_limit", float("nan")))
+
+
+def largest_batch(compile_at: Callable[[int], Dict[str, float]], measured: Dict[int, float],
+                  limit_bytes: float, multiple: int = 1) -> Dict[str, float]:
+  """The largest batch (a multiple of `multiple`) whose program needs at most `limit_bytes`.
+
+  Args:
+    compile_at: batch -> `compiled_stats` of the program at that batch (compiles it).
+    measured: {batch: program bytes} already known (at least one batch).
+    limit_bytes: the memory to fit in.
+    multiple: batches must be multiples of it (devices, the reference_compat group size).
+  Memory is affine in the batch (buffers scale with it, parameters do not): a line through
+  the two largest known batches (one more is compiled when only one is known) predicts the
+  limit; the prediction is then compiled and stepped down by 10% until it fits.
+  """
+  known = dict(measured)
+  if len(known) < 2:
+    extra = 2 * max(known)  # a multiple of whatever the measured batch was a multiple of
+    known[extra] = compile_at(extra)["mem_bytes"]
+  (b0, m0), (b1, m1) = sorted(known.items())[-2:]
+  per_sample = max((m1 - m0) / (b1 - b0), 1.0)
+  fixed = m1 - per_sample * b1
+  round_down = lambda b: max(int(b) // multiple, 1) * multiple  # noqa: E731
+  batch = round_down((limit_bytes - fixed) // per_sample)
+  while True:
+    need = compile_at(batch)["mem_bytes"]
+    if need <= limit_bytes or batch == multiple:
+      break
+    batch = round_down(min(batch * 0.9, batch - multiple))
+  return dict(max_batch=batch, bytes_at_max=need, bytes_per_sample=per_sample,
+              fixed_bytes=fixed, limit_bytes=limit_bytes)
+
+
+def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None):
+  """(compile seconds, median seconds per call, `compiled_stats`) of jitted `fn(*args)`."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  stats = compiled_stats(compiled)
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   times = []
@@ -53,7 +111,7 @@ def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str =
     times.append(time.perf_counter() - t)
   if profile:
     jax.profiler.stop_trace()
-  return compile_s, float(np.median(times)), flops
+  return compile_s, float(np.median(times)), stats
 
 
 def random_batch(model_config, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -71,7 +129,23 @@ def random_batch(model_config, batch: int, seed: int = 0) -> Dict[str, np.ndarra
               text_ids=ids, text_padding_mask=padding)
 
 
-def bench_infer(config, batches: List[int], args) -> List[dict]:
+def _row(mode: str, batch: int, dtype, compile_s: float, step_s: float, stats, devices: int = 1
+         ) -> dict:
+  return dict(mode=mode, batch=batch, dtype=str(dtype), compile_s=compile_s,
+              step_ms=1e3 * step_s, images_per_s=batch / step_s,
+              gflops_per_image=stats["flops"] * devices / batch / 1e9,
+              peak_mem_gib=peak_memory_bytes() / 2**30, xla_mem_gib=stats["mem_bytes"] / 2**30,
+              hlo_ops=stats["hlo_ops"])
+
+
+def _compat_multiple(model_config) -> int:
+  """The batch multiple the model needs: reference_compat attends in groups over the batch."""
+  return int(model_config.compat_group_size) if model_config.reference_compat else 1
+
+
+def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
+  """Rows of the jitted forward, batch -> `compiled_stats` (for --max_batch), and the
+  multiple every batch must be."""
   from flax import nnx
   from deris_jax.models.deris import build_model
   model = build_model(config.model)
@@ -82,15 +156,18 @@ def bench_infer(config, batches: List[int], args) -> List[dict]:
                                      batch["text_padding_mask"])
     return out.pred_masks, out.refer_logits, out.existence_logit
 
+  def compile_at(b):
+    shapes = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype)
+              for k, v in random_batch(config.model, 1).items()}
+    return compiled_stats(jax.jit(forward).lower(state, shapes).compile())
+
   rows = []
   for b in batches:
     batch = jax.device_put(random_batch(config.model, b))
-    compile_s, step_s, flops = time_compiled(forward, (state, batch), warmup=args.warmup,
+    compile_s, step_s, stats = time_compiled(forward, (state, batch), warmup=args.warmup,
                                              steps=args.steps, profile=args.profile)
-    rows.append(dict(mode="infer", batch=b, dtype=config.model.dtype, compile_s=compile_s,
-                     step_ms=1e3 * step_s, images_per_s=b / step_s,
-                     gflops_per_image=flops / b / 1e9, peak_mem_gib=peak_memory_bytes() / 2**30))
-  return rows
+    rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats))
+  return rows, compile_at, _compat_multiple(config.model)
 
 
 def random_targets(batch: int, num_targets: int, size, seed: int = 1) -> Dict[str, np.ndarray]:
@@ -108,9 +185,10 @@ def random_targets(batch: int, num_targets: int, size, seed: int = 1) -> Dict[st
               exists=(counts > 0).astype(np.int32), weight=np.ones((batch,), np.float32))
 
 
-def bench_train(config, batches: List[int], args) -> List[dict]:
-  """The jitted, sharded train step of deris_jax.train on random data (the state threaded
-  through the timed steps, as in training: it is donated)."""
+def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
+  """Rows of the jitted, sharded train step of deris_jax.train on random data (the state is
+  threaded through the timed steps, as in training: it is donated), batch ->
+  `compiled_stats` (for --max_batch), and the multiple every batch must be."""
   from configs import common
   from deris_jax.train import sharding as S
   from deris_jax.train import state as state_lib
@@ -123,17 +201,24 @@ def bench_train(config, batches: List[int], args) -> List[dict]:
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1000)
   state = state_lib.init_state(trainer, config.train.seed)
   num_targets = config.data.max_instances if "data" in config else 1
+  train_step = step_lib.jit_train_step(trainer)
+
+  def host_batch(b):
+    return dict(random_batch(config.model, b),
+                **random_targets(b, num_targets, config.model.image_size))
+
+  def compile_at(b):
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=S.batch_sharding(mesh))
+              for k, v in host_batch(b).items()}
+    return compiled_stats(train_step.lower(trainer.abstract_state, shapes).compile())
+
   rows = []
   for b in batches:
-    host = dict(random_batch(config.model, b), **random_targets(b, num_targets,
-                                                                  config.model.image_size))
-    batch = S.global_batch(host, mesh)
+    batch = S.global_batch(host_batch(b), mesh)
     t0 = time.perf_counter()
-    compiled = step_lib.jit_train_step(trainer).lower(state, batch).compile()
+    compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", float("nan"))) * mesh.size  # per-device program
+    stats = compiled_stats(compiled)
     for _ in range(args.warmup):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
@@ -147,13 +232,12 @@ def bench_train(config, batches: List[int], args) -> List[dict]:
       times.append(time.perf_counter() - t)
     if args.profile:
       jax.profiler.stop_trace()
-    step_s = float(np.median(times))
-    rows.append(dict(mode="train", batch=b, dtype=config.model.dtype,
-                     mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}", compile_s=compile_s,
-                     step_ms=1e3 * step_s, images_per_s=b / step_s,
-                     gflops_per_image=flops / b / 1e9, peak_mem_gib=peak_memory_bytes() / 2**30,
-                     loss=float(jax.device_get(metrics["loss"]))))
-  return rows
+    row = _row("train", b, config.model.dtype, compile_s, float(np.median(times)), stats,
+               devices=mesh.size)  # cost analysis is per device program
+    row.update(mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}",
+               loss=float(jax.device_get(metrics["loss"])))
+    rows.append(row)
+  return rows, compile_at, math.lcm(_compat_multiple(config.model), mesh.size)
 
 
 def bench_deform(args) -> List[dict]:
@@ -174,10 +258,11 @@ def bench_deform(args) -> List[dict]:
     loss = lambda v, l, a: jnp.sum(fwd(v, l, a).astype(jnp.float32) ** 2)
     fwd_bwd = jax.grad(loss, argnums=(0, 1, 2))
     for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-      compile_s, step_s, _ = time_compiled(fn, (value, loc, weights), warmup=args.warmup,
-                                           steps=args.steps)
+      compile_s, step_s, stats = time_compiled(fn, (value, loc, weights), warmup=args.warmup,
+                                               steps=args.steps)
       rows.append(dict(mode=f"deform {name}", batch=b, dtype=str(dtype), compile_s=compile_s,
-                       step_ms=1e3 * step_s, peak_mem_gib=peak_memory_bytes() / 2**30))
+                       step_ms=1e3 * step_s, peak_mem_gib=peak_memory_bytes() / 2**30,
+                       hlo_ops=stats["hlo_ops"]))
   return rows
 
 
@@ -187,6 +272,9 @@ def print_rows(rows: List[dict]) -> None:
   for row in rows:
     print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in row.items()))
+
+
+BENCHES = {"infer": bench_infer, "train": bench_train}
 
 
 def main(argv=None) -> int:
@@ -204,6 +292,10 @@ def main(argv=None) -> int:
   parser.add_argument("--profile", default=None, help="write a TensorBoard trace here")
   parser.add_argument("--mesh", default=None, help="train: DATA,FSDP mesh sizes (default: "
                       "config.mesh, all devices on the data axis)")
+  parser.add_argument("--max_batch", action="store_true",
+                      help="infer/train: also find the largest batch that fits the memory")
+  parser.add_argument("--memory_gib", type=float, default=None,
+                      help="--max_batch: memory to fit (default: the device's bytes_limit)")
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args, rest = parser.parse_known_args(argv)
   if args.mode == "data":
@@ -218,11 +310,18 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.override)
     if args.dtype:
       config.model.dtype = args.dtype
-    bench = bench_train if args.mode == "train" else bench_infer
-    rows = bench(config, [int(x) for x in args.batch.split(",")], args)
+    batches = [int(x) for x in args.batch.split(",")]
+    rows, compile_at, multiple = BENCHES[args.mode](config, batches, args)
     if args.peak_tflops:
       for row in rows:
         row["mfu"] = row["gflops_per_image"] * row["images_per_s"] / (args.peak_tflops * 1e3)
+    if args.max_batch:
+      limit = args.memory_gib * 2**30 if args.memory_gib else device_memory_limit()
+      if np.isnan(limit):
+        parser.error("--max_batch: the device reports no memory limit; pass --memory_gib")
+      found = largest_batch(compile_at, {r["batch"]: r["xla_mem_gib"] * 2**30 for r in rows},
+                            limit, multiple)
+      rows.append(dict(mode=f"{args.mode} max batch", **found))
   print_rows(rows)
   if args.json:
     with open(args.json, "w") as f:

@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -33,6 +34,8 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if not FLAGS["verbosity"].present:  # Orbax / TFDS info lines would drown the train log
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   if config.train.distributed:
     import jax  # pylint: disable=g-import-not-at-top
@@ -50,9 +53,10 @@ def main(argv):
     return 2
   print(f"done: {result.steps_done}/{result.total_steps} steps ({result.stopped}); last "
         f"checkpoint step {result.last_checkpoint} in {workdir}/checkpoints", flush=True)
-  for split, metrics in result.eval_results.items():
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    print(f"{split}: {shown}", flush=True)
+  for split, evaluated in result.eval_results.items():
+    shown = "  ".join(f"{k} {v:.2f}" for k, v in evaluated["metrics"].items())
+    print(f"{split} (tau {evaluated['score_threshold']:g}, {evaluated['num_samples']} samples): "
+          f"{shown}", flush=True)
   return 0
 
 

@@ -123,6 +123,9 @@ def train_config(*, epochs: int) -> mlc.ConfigDict:
       epochs=epochs,  # §9 max_epoch; steps per epoch = ceil(train examples / global batch)
       max_steps=0,  # > 0: stop after this many steps (smoke runs); the schedule keeps epochs
       seed=6666,  # §9
+      # Initial params (without --init_from): 'host' draws them with numpy (seconds, nothing
+      # to compile); 'jit' compiles an initialiser that writes into the shardings directly.
+      init="host",
       log_every_steps=50,  # §9 log_interval
       eval_every_steps=0,  # 0: use eval_every_epochs
       eval_every_epochs=1,  # §9 validation every epoch; 0 with eval_every_steps 0: never

@@ -13,7 +13,9 @@ GRES (pred_nt / gt_nt: predicted / true "no target"):
   target and pred_nt     : I := 0, IoU = 0/U                    (official "FP")
   target and not pred_nt : IoU = I/U (0 if U = 0)               (official "TN")
   gIoU = 100 mean IoU, cIoU = 100 sum I / sum U, N-acc = 100 TP/(TP+FN),
-  T-acc = 100 TN/(TN+FP), Pr@t over target samples only, t = 0.7, 0.8, 0.9.
+  T-acc = 100 TN/(TN+FP), Pr@t over target samples only, t = 0.7, 0.8, 0.9;
+  and, not printed by the official code, mIoU = 100 mean IoU over the target samples (the RIS
+  mIoU of the expressions that have a target; a missed target counts 0).
 
 Where the official code would divide by zero (or, for T-acc/N-acc without no-target samples,
 print 0 for both), `result()` returns NaN: the ratio is undefined, not zero. mIoU sums IoUs in
@@ -218,7 +220,7 @@ class RISMetrics(_Accumulator):
 
 
 class GRESMetrics(_Accumulator):
-  """gRefCOCO metrics: gIoU, cIoU, N-acc, T-acc, Pr@0.7 .. Pr@0.9 (percent)."""
+  """gRefCOCO metrics: gIoU, cIoU, N-acc, T-acc, Pr@0.7 .. Pr@0.9, mIoU (percent)."""
 
   PR_THRESHOLDS: ClassVar[Tuple[float, ...]] = GRES_PR_THRESHOLDS
   FIELDS = {
@@ -230,6 +232,7 @@ class GRESMetrics(_Accumulator):
       "target_correct": (np.int64, ()),  # official "TN": target, not pred_nt
       "target_missed": (np.int64, ()),  # official "FP": target, pred_nt
       "pr_hits": (np.int64, (len(GRES_PR_THRESHOLDS),)),  # over target samples
+      "target_iou_sum": (np.float64, ()),  # IoUs of the target samples
   }
 
   def update(self, pred_masks: Any, gt_masks: Any, pred_no_target: Any, gt_no_target: Any, *,
@@ -267,6 +270,7 @@ class GRESMetrics(_Accumulator):
     s["target_correct"] += np.count_nonzero(target & ~pred_nt)
     s["target_missed"] += np.count_nonzero(target & pred_nt)
     s["pr_hits"] += ((iou[:, None] >= thresholds[None, :]) & target[:, None]).sum(axis=0)  # (T,)
+    s["target_iou_sum"] += iou[target].sum()
 
   @property
   def num_samples(self) -> int:
@@ -289,6 +293,7 @@ class GRESMetrics(_Accumulator):
     }
     for threshold, hits in zip(self.PR_THRESHOLDS, s["pr_hits"]):
       out[_pr_key(threshold)] = _ratio(hits, num_target)
+    out["mIoU"] = _ratio(s["target_iou_sum"], num_target)
     return out
 
 

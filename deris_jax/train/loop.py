@@ -88,8 +88,8 @@ def _check_resume(meta: Dict[str, Any], position: Dict[str, int], directory) -> 
 def load_init_params(directory, trainer: state_lib.Trainer, report) -> Optional[Any]:
   """`--init_from`: the params of a checkpoint (`deris_jax.checkpoint` format).
 
-  Returns the full parameter tree, or None when the checkpoint covers only part of the model
-  (then `init_state_partial` fills the rest). Unknown paths and shape mismatches raise a
+  Returns {dotted name: array} of the parameters the checkpoint holds (all, or part of the
+  model: `_init_state` fills the rest). Unknown paths and shape mismatches raise a
   CheckpointError naming the first one.
   """
   tree, meta = ckpt_lib.restore_params(directory)
@@ -116,8 +116,7 @@ def _init_state(trainer, config, init_from, report):
   flat = load_init_params(init_from, trainer, report)
   expected = P.named_leaves(trainer.abstract_state.params)
   if len(flat) < len(expected):  # a partial checkpoint (e.g. backbones only)
-    fresh = state_lib.init_state(trainer, config.train.seed)
-    current = P.named_leaves(fresh.params)
+    current = P.named_leaves(state_lib.fresh_params(trainer, config.train.seed))
     missing = len(expected) - len(flat)
     report.log(f"init_from: {missing} parameters missing from the checkpoint keep their "
                "official initialisation")

@@ -2,6 +2,8 @@
 
 Only process 0 writes (console and event files); every process may call the methods.
 Event files go to WORKDIR/tensorboard (tensorboardX; TensorFlow is not needed).
+The tqdm bar is drawn only when stderr is a terminal; every train log line carries the ETA
+too, so redirected logs (CI, cluster jobs) stay readable.
 """
 import pathlib
 import sys
@@ -33,18 +35,19 @@ class Reporter:
     self.total_steps = total_steps
     self._bar = None
     self._writer = None
+    self._last = None  # (time, step) of the previous train line: the rate behind the ETA
     if not self.is_main:
       return
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-    try:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                       file=sys.stderr, smoothing=0.1)
-    except ImportError:
-      self._bar = None
-    self._last = time.perf_counter()
+    if sys.stderr.isatty():
+      try:
+        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                         dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+      except ImportError:
+        self._bar = None
 
   def log(self, message: str) -> None:
     if not self.is_main:
@@ -66,10 +69,21 @@ class Reporter:
         self._writer.add_scalar(f"{prefix}/{name}", float(value), step)
     self._writer.flush()
 
+  def eta_seconds(self, step: int) -> Optional[float]:
+    """Seconds left at the rate since the previous train line (None on the first)."""
+    now = time.perf_counter()
+    last, self._last = self._last, (now, step)
+    if last is None or step <= last[1]:
+      return None
+    return (now - last[0]) / (step - last[1]) * (self.total_steps - step)
+
   def train_line(self, step: int, metrics: Mapping[str, float]) -> None:
     parts = [f"step {step}/{self.total_steps}"]
     parts += [f"{label} {_FORMATS.get(key, '{:.4f}').format(metrics[key])}"
               for key, label in CONSOLE if key in metrics]
+    eta = self.eta_seconds(step)
+    if eta is not None and step < self.total_steps:
+      parts.append(f"eta {format_seconds(eta)}")
     self.log("  ".join(parts))
     if self._bar is not None:
       self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)

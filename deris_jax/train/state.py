@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
 import optax
 from flax import nnx
 
@@ -113,20 +114,41 @@ def keys_from_seed(seed: int):
   return init_key, train_key
 
 
+INIT_MODES = ("host", "jit")  # config train.init
+
+
+def fresh_params(trainer: Trainer, seed: int) -> Any:
+  """Freshly initialised params (the official initialisers) per `config.train.init`.
+
+  'host': drawn with numpy from `seed` (`deris_model.build_model`: seconds, nothing to
+  compile; every process draws the same numbers) -> host arrays.
+  'jit': one jitted initialiser writing straight into the params' shardings (for models too
+  big for host memory; compiling it takes ~40 s on a CPU) -> sharded arrays.
+  """
+  mode = trainer.config.train.get("init", "host")
+  if mode not in INIT_MODES:
+    raise ValueError(f"unknown config train.init '{mode}'; known: {INIT_MODES}")
+  if mode == "host":
+    model = deris_model.build_model(trainer.config.model, seed)
+    return jax.tree.map(np.asarray, P.model_params(model))
+  init_key, _ = keys_from_seed(seed)
+  return jax.jit(init_params_fn(trainer.config.model),
+                 out_shardings=trainer.state_shardings.params)(init_key)
+
+
 def init_state(trainer: Trainer, seed: int, params: Optional[Any] = None) -> TrainState:
   """A fresh train state built directly into its shardings by one jitted program.
 
   Args:
-    seed: config.train.seed; it gives the model-init key (unless `params`) and the train key.
+    seed: config.train.seed; it gives the initial params (unless `params`, see
+      `fresh_params`) and the train key.
     params: start from these parameters (e.g. `--init_from`), sharded like the state's params
       or host arrays; None initialises them with the official initialisers.
   """
-  init_key, train_key = keys_from_seed(seed)
+  _, train_key = keys_from_seed(seed)
   train_key_data = jax.random.key_data(train_key)
   if params is None:
-    init_params = init_params_fn(trainer.config.model)
-    fn = lambda k, t: _state_from(trainer, init_params(k), jax.random.wrap_key_data(t))  # noqa
-    return jax.jit(fn, out_shardings=trainer.state_shardings)(init_key, train_key_data)
+    params = fresh_params(trainer, seed)
   params = jax.device_put(params, trainer.state_shardings.params)
   fn = lambda p, t: _state_from(trainer, p, jax.random.wrap_key_data(t))  # noqa
   return jax.jit(fn, out_shardings=trainer.state_shardings)(params, train_key_data)
