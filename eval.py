@@ -127,6 +127,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr)
   if lead:
     print(format_table(results))
+    for r in results:
+      if r.get("extra_metrics"):  # after the table: not comparable with published numbers
+        print(f"{r['split']} (not an official metric): " + "  ".join(
+            f"{k} {_number(v)}" for k, v in r["extra_metrics"].items())
+            + (" (mean IoU over the samples that have a target)" if "mIoU" in
+               r["extra_metrics"] else ""))
     summary = {"checkpoint": args.checkpoint, "checkpoint_kind": meta.get("kind"),
                "checkpoint_step": step, "config": args.config,
                "overrides": args.override, "results": results}

@@ -54,7 +54,8 @@ def main(argv):
   print(f"done: {result.steps_done}/{result.total_steps} steps ({result.stopped}); last "
         f"checkpoint step {result.last_checkpoint} in {workdir}/checkpoints", flush=True)
   for split, evaluated in result.eval_results.items():
-    shown = "  ".join(f"{k} {v:.2f}" for k, v in evaluated["metrics"].items())
+    metrics = dict(evaluated["metrics"], **evaluated.get("extra_metrics", {}))
+    shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
     print(f"{split} (tau {evaluated['score_threshold']:g}, {evaluated['num_samples']} samples): "
           f"{shown}", flush=True)
   return 0

@@ -460,6 +460,7 @@ def combine(locals_: Sequence[LocalEval], settings: EvalSettings, *, split: str,
       "split": split, "task": settings.task, "resolution": settings.resolution,
       "score_threshold": settings.score_threshold, "num_samples": main.num_samples,
       "metrics": main.result(),
+      "extra_metrics": main.extra_result(),  # not reported by the official code
       "num_truncated_expressions": int(sum(l.num_truncated for l in locals_)),
   }
   if settings.tau_grid:
@@ -532,6 +533,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str, *
     per_sample_path: if set, process 0 writes one JSON line per sample there.
   Returns:
     {'split', 'task', 'resolution', 'score_threshold', 'num_samples', 'metrics' (percent),
+     'extra_metrics' (percent, not official: GRES mIoU over target samples),
      'tau_sweep' ({tau: metrics}, with tau_sweep), 'num_truncated_expressions', 'protocol'
      (eval batch, group size, devices, processes, ...), 'seconds'}.
   """

@@ -13,9 +13,10 @@ GRES (pred_nt / gt_nt: predicted / true "no target"):
   target and pred_nt     : I := 0, IoU = 0/U                    (official "FP")
   target and not pred_nt : IoU = I/U (0 if U = 0)               (official "TN")
   gIoU = 100 mean IoU, cIoU = 100 sum I / sum U, N-acc = 100 TP/(TP+FN),
-  T-acc = 100 TN/(TN+FP), Pr@t over target samples only, t = 0.7, 0.8, 0.9;
-  and, not printed by the official code, mIoU = 100 mean IoU over the target samples (the RIS
-  mIoU of the expressions that have a target; a missed target counts 0).
+  T-acc = 100 TN/(TN+FP), Pr@t over target samples only, t = 0.7, 0.8, 0.9.
+`result()` returns exactly the official metrics; `extra_result()` what the official code does
+not report: for GRES, mIoU = 100 mean IoU over the target samples (the RIS mIoU of the
+expressions that have a target; a missed target counts 0).
 
 Where the official code would divide by zero (or, for T-acc/N-acc without no-target samples,
 print 0 for both), `result()` returns NaN: the ratio is undefined, not zero. mIoU sums IoUs in
@@ -168,6 +169,10 @@ class _Accumulator:
   def result(self) -> Dict[str, float]:
     raise NotImplementedError
 
+  def extra_result(self) -> Dict[str, float]:
+    """Metrics the official code does not report (none unless a subclass adds some)."""
+    return {}
+
 
 class RISMetrics(_Accumulator):
   """RefCOCO/+/g metrics: mIoU, oIoU, Pr@0.5 .. Pr@0.9 (percent)."""
@@ -220,7 +225,7 @@ class RISMetrics(_Accumulator):
 
 
 class GRESMetrics(_Accumulator):
-  """gRefCOCO metrics: gIoU, cIoU, N-acc, T-acc, Pr@0.7 .. Pr@0.9, mIoU (percent)."""
+  """gRefCOCO metrics: gIoU, cIoU, N-acc, T-acc, Pr@0.7 .. Pr@0.9 (percent); extra: mIoU."""
 
   PR_THRESHOLDS: ClassVar[Tuple[float, ...]] = GRES_PR_THRESHOLDS
   FIELDS = {
@@ -293,8 +298,12 @@ class GRESMetrics(_Accumulator):
     }
     for threshold, hits in zip(self.PR_THRESHOLDS, s["pr_hits"]):
       out[_pr_key(threshold)] = _ratio(hits, num_target)
-    out["mIoU"] = _ratio(s["target_iou_sum"], num_target)
     return out
+
+  def extra_result(self) -> Dict[str, float]:
+    """{'mIoU': 100 mean IoU over the target samples} (NaN without target samples)."""
+    s = self._sums
+    return {"mIoU": _ratio(s["target_iou_sum"], s["target_correct"] + s["target_missed"])}
 
 
 METRICS: Dict[str, Type[_Accumulator]] = {"ris": RISMetrics, "gres": GRESMetrics}

@@ -74,7 +74,7 @@ def test_results_are_printed_with_resolution_and_tau(setup, tmp_path, capsys):
   assert rc == 0
   table = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
   assert table[0].split() == ["split", "resolution", "tau", "samples", "gIoU", "cIoU", "N-acc",
-                              "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9", "mIoU"]
+                              "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9"]
   row = table[1].split()
   assert row[:4] == ["val", "reference", f"{TAU:g}", "24"]
   with open(tmp_path / "results.json") as f:

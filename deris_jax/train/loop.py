@@ -136,7 +136,7 @@ def _evaluate(state, trainer, config, step, report) -> Dict[str, Dict[str, Any]]
   for split in config.eval.splits:
     with jax.transfer_guard("allow"):
       results[split] = evaluation.evaluate(model, config, split, mesh=trainer.mesh)
-    metrics = results[split]["metrics"]
+    metrics = dict(results[split]["metrics"], **results[split].get("extra_metrics", {}))
     report.eval_line(step, split, metrics, results[split]["score_threshold"])
     report.scalars(step, metrics, prefix=f"eval/{split}")
   return results
