@@ -7,6 +7,7 @@ Usage: `--config configs/deris_micro.py`.
 """
 from configs import common
 from configs import data_common
+from configs import eval_common
 
 
 def get_config(arg=None):
@@ -28,6 +29,7 @@ def get_config(arg=None):
   config.data.max_tokens = model.max_tokens
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
+  config.data.eval_splits = ("val",)
   common.add_training(config, epochs=2, warmup_epochs=1, decay_epochs=(2,))
   config.loss.num_points = 64
   # Adam's eps 1e-4 instead of 1e-9: some parameters have an analytically zero gradient
@@ -40,4 +42,5 @@ def get_config(arg=None):
   config.train.update(seed=0, log_every_steps=2, eval_every_epochs=0, checkpoint_every_steps=2,
                       async_checkpoint=False, tensorboard=False)
   config.sharding.fsdp_min_size = 0  # shard even tiny leaves, so tests exercise fsdp
+  config.eval = eval_common.eval_config("micro", config.data)  # tau 0.7 (reference.md §5)
   return config

@@ -6,6 +6,7 @@ parameters saved as a 'pretrained' checkpoint (`--init_from`), so no test compil
 random initialisers. The loop's train step is the same program in every run (the persistent
 compilation cache of conftest.py serves the repeats).
 """
+import json
 import os
 import pathlib
 import shutil
@@ -57,10 +58,13 @@ def setup(tmp_path_factory):
   return dict(root=root, data_dir=data_dir, init_dir=init_dir, params=params)
 
 
+EVAL_EVERY = 8  # the uninterrupted run also evaluates the val split at step 8 (and at the end)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
   workdir = setup["root"] / "uninterrupted"
-  config = _micro_config(setup["data_dir"])
+  config = _micro_config(setup["data_dir"], f"train.eval_every_steps={EVAL_EVERY}")
   result = loop.train(config, workdir, init_from=str(setup["init_dir"]))
   return dict(workdir=workdir, result=result, config=config)
 
@@ -145,6 +149,38 @@ def test_tensorboard_has_the_loss_terms_lr_and_grad_norm(uninterrupted):
   logged = {step: value for tag, step, value in events if tag == "train/loss"}
   losses = uninterrupted["result"].losses
   np.testing.assert_allclose(logged[2], np.mean([losses[0], losses[1]]), rtol=1e-6)
+
+
+def test_evaluates_every_k_steps_and_at_the_end(uninterrupted):
+  result = uninterrupted["result"]
+  final = result.eval_results["val"]
+  assert final["num_samples"] == 24 and final["score_threshold"] == 0.7  # 8 images x 3
+  assert set(final["metrics"]) == {"gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8",
+                                   "Pr@0.9"}
+  logged = {(tag, step): value for tag, step, value in
+            _events(uninterrupted["workdir"] / "tensorboard") if tag.startswith("eval/val/")}
+  assert sorted({step for _, step in logged}) == [EVAL_EVERY, TOTAL_STEPS]
+  assert logged[("eval/val/gIoU", TOTAL_STEPS)] == pytest.approx(final["metrics"]["gIoU"],
+                                                                 rel=1e-6)
+  assert ("eval/val/mIoU", EVAL_EVERY) in logged  # the extra (non-official) GRES metric
+
+
+def test_predict_runs_on_the_train_checkpoint(setup, uninterrupted, tmp_path):
+  """predict.py reads what train.py writes (params item, tokenizer from the dataset)."""
+  import predict  # pylint: disable=g-import-not-at-top
+  from deris_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  tiny = next(c for c in synthetic.DerisSynthetic.BUILDER_CONFIGS if c.name == "tiny")
+  image = synthetic.generate_split(tiny, "val", 1).images[1]
+  png = tmp_path / "shapes.png"
+  png.write_bytes(image.data)
+  rc = predict.main(["--config", str(ROOT / "configs" / "deris_micro.py"),
+                     "--checkpoint", str(uninterrupted["workdir"] / "checkpoints"),
+                     "--override", f"data.data_dir={setup['data_dir']}",
+                     "--image", str(png), "--text", "all circles", "--out", str(tmp_path)])
+  assert rc == 0
+  out = json.loads((tmp_path / "shapes.json").read_text())
+  assert len(out["scores"]) == uninterrupted["config"].model.num_queries
+  assert (tmp_path / "shapes.mask.png").exists() and (tmp_path / "shapes.overlay.png").exists()
 
 
 def _subprocess_env():
