@@ -51,8 +51,8 @@ def make_mesh(mesh_config: mlc.ConfigDict, devices: Sequence[Any] = None) -> Mes
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_device_mesh(shape, devices=devices,
                                          allow_split_physical_axes=True)
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(shape)
+  except (ImportError, AttributeError, ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)  # plain order (CPU, or a jax without the helper)
   return Mesh(grid, (DATA, FSDP))
 
 
