@@ -50,6 +50,7 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
       cognition_image_size=(224, 224),  # §3 BEiT-3 input
       max_tokens=max_tokens,  # §3: 20 RefCOCO, 50 gRefCOCO
       remat=False,  # recompute BEiT-3 layers in the backward pass (large batches / DeRIS-L)
+      scan_layers=False,  # BEiT-3 layers as one lax.scan (same numbers, faster compile)
       existence_veto=False,  # corrected model only: existence head may veto (design README)
       existence_threshold=0.5,
       swin=dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.3, **SWIN[swin]),  # §2

@@ -13,6 +13,7 @@ def get_config(arg=None):
   config.model = common.model_config(swin="base384", beit3="large", num_queries=20,
                                      max_tokens=50)
   config.model.compat_group_size = 1  # official eval batch per GPU (§4, §8)
+  config.model.scan_layers = True  # one compiled BEiT-3 layer body (BENCHMARKS.md)
   config.data = data_common.grefcoco_data()  # §7/§8; global batch 4 = 1 per device x 4
   # §9: 6 epochs, no warmup, epoch 5 at lr/10.
   common.add_training(config, epochs=6, warmup_epochs=0, decay_epochs=(6,))

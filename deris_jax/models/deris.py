@@ -119,8 +119,8 @@ class DeRIS(nnx.Module):
         ffn_dim=bc.ffn_dim, vocab_size=bc.vocab_size, patch_size=bc.patch_size,
         image_size=tuple(config.cognition_image_size),
         max_source_positions=bc.max_source_positions, drop_path_rate=bc.drop_path_rate,
-        layernorm_eps=bc.layernorm_eps, remat=bool(config.get("remat", False)), dtype=dtype,
-        rngs=rngs)
+        layernorm_eps=bc.layernorm_eps, remat=bool(config.get("remat", False)),
+        scan_layers=bool(config.get("scan_layers", False)), dtype=dtype, rngs=rngs)
     self.cognition = CognitionProjections(beit_dim=bc.embed_dim, hidden_dim=c,
                                           num_queries=config.num_queries, dtype=dtype, rngs=rngs)
     dc = config.decoder

@@ -103,9 +103,12 @@ def dropout(x: jax.Array, rate: float, *, train: bool, rngs: Optional[nnx.Rngs])
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def drop_path(x: jax.Array, rate: float, *, train: bool, rngs: Optional[nnx.Rngs]) -> jax.Array:
-  """Stochastic depth (timm `DropPath`): drops the whole residual branch per sample."""
-  if not train or rate <= 0.0:
+def drop_path(x: jax.Array, rate, *, train: bool, rngs: Optional[nnx.Rngs]) -> jax.Array:
+  """Stochastic depth (timm `DropPath`): drops the whole residual branch per sample.
+
+  `rate` is a Python float, or a traced scalar (layers scanned with per-layer rates).
+  """
+  if not train or (isinstance(rate, (int, float)) and rate <= 0.0):
     return x
   if rngs is None:
     raise ValueError("drop path in training needs `rngs` with a 'dropout' stream")
