@@ -22,14 +22,19 @@ def _beit3_loss_and_grads(fixture, inputs, *, train: bool, **options):
   return float(value), jax.tree_util.tree_leaves(grads)
 
 
+def _assert_same_loss_and_grads(got, want):
+  (got_value, got_grads), (want_value, want_grads) = got, want
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_remat_gives_the_same_loss_and_gradients(tiny_dir):
   fixture = parity.load_fixture(tiny_dir)
   inputs = parity.model_inputs(fixture.inputs)
   v0, g0 = _beit3_loss_and_grads(fixture, inputs, train=True, remat=False)
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=True, remat=True)
-  np.testing.assert_allclose(v0, v1, rtol=1e-6)
-  for a, b in zip(g0, g1):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  _assert_same_loss_and_grads((v1, g1), (v0, g0))
 
 
 def test_scanned_layers_give_the_loop_numbers(tiny_dir):
@@ -39,14 +44,12 @@ def test_scanned_layers_give_the_loop_numbers(tiny_dir):
   inputs = parity.model_inputs(fixture.inputs)
   v0, g0 = _beit3_loss_and_grads(fixture, inputs, train=False, scan_layers=False)
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=False, scan_layers=True)
-  np.testing.assert_allclose(v1, v0, rtol=1e-6)
-  for a, b in zip(g1, g0):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  _assert_same_loss_and_grads((v1, g1), (v0, g0))
 
 
 def test_scanned_layers_train_with_drop_path_and_remat(tiny_dir):
-  """In training the scan draws its own drop-path keys: remat must not change them, and the
-  draws must drop branches (the loss differs from eval's)."""
+  """In training the scan draws its own drop-path keys: remat must not change them, and drop
+  path must be applied (the loss differs from eval's)."""
   fixture = parity.load_fixture(tiny_dir)
   assert fixture.model_config.beit3.drop_path_rate > 0
   inputs = parity.model_inputs(fixture.inputs)
@@ -54,6 +57,4 @@ def test_scanned_layers_train_with_drop_path_and_remat(tiny_dir):
   v0, g0 = _beit3_loss_and_grads(fixture, inputs, train=True, scan_layers=True)
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=True, scan_layers=True, remat=True)
   assert np.isfinite(v0) and v0 != v_eval
-  np.testing.assert_allclose(v1, v0, rtol=1e-6)
-  for a, b in zip(g1, g0):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  _assert_same_loss_and_grads((v1, g1), (v0, g0))
