@@ -7,29 +7,43 @@ What the official code computes (reference.md §6; `simplehead_Independent_match
 - Matching cost (per sample, N queries x K referred instances, all of class 0):
   `cost_class * -softmax(refer_logits)[:, 0] + cost_mask * BCE + cost_dice * dice`, the mask
   terms on `num_points` uniform random points shared by every mask of the sample
-  (`grid_sample`, align_corners=False). Solved exactly on the device (`deris_jax.matching`).
+  (`grid_sample`, align_corners=False). Solved exactly on the device (`deris_jax.matching`),
+  like `scipy.optimize.linear_sum_assignment` on the N x K_valid matrix: with K_valid <= N
+  every target gets a query; with K_valid > N (gRefCOCO: N = 20 queries, up to 32 instances)
+  every query gets a target and K_valid - N targets stay unmatched (no mask/dice term).
 - `loss_class`: cross-entropy over all B*N queries, matched -> class 0, others -> class 1,
   class weights [1, no_object_weight], PyTorch's weighted mean sum(w*ce) / sum(w).
 - `loss_mask` / `loss_dice`: on the matched (query, target) pairs, PointRend importance
   sampling per mask (`num_points * oversample_ratio` uniform candidates, the
   `importance_sample_ratio` most uncertain by -|logit|, the rest fresh uniform points); BCE
-  mean over points and dice with +1 smoothing; summed over masks and divided by `num_masks`.
+  mean over points and dice with +1 smoothing; summed over matched masks and divided by
+  `num_masks`, which counts ALL targets, matched or not (`sum(len(t["labels"]))`).
 - `loss_label_nt`: BCE of the existence logit against "has >= 1 referred instance", batch mean.
 - Total = sum over rounds of weights (class 2, mask 5, dice 5; x aux_weight 0.2 for auxiliary
   rounds) + existence_weight * loss_label_nt. The box losses weigh 0 (or are dropped) in the
   official code and are not computed here.
 
+Normalisers (`loss.normalizer`). The official run is DDP on W GPUs (W = 4 in the DeRIS
+README): each GPU g computes its loss L_g on its B/W samples with num_masks M = max(T / W, 1)
+(T = all targets of all GPUs, all-reduced, the same M everywhere), and DDP averages the
+gradients, so the objective is (1/W) sum_g L_g. Here the whole (sharded) global batch is one
+jitted computation:
+- "global" (default): `num_masks = max(T, 1)`; `loss_class` and `loss_label_nt` are weighted
+  means over the global batch. Equal to the official objective whenever each GPU would see >= 1
+  target on average, except for the per-GPU split of `loss_class`'s matched-query weights.
+- "official": the global batch is `loss.official_world_size` = W consecutive groups of B/W
+  samples (one per official GPU): mask/dice = sum over all matched pairs / max(T, W) (= the
+  official (1/W) sum_g sum_pairs_g / M); `loss_class` and `loss_label_nt` = the mean over
+  groups of each group's weighted mean.
+The `num_masks` metric is the effective normaliser of the mask/dice sums (max(T, 1) or
+max(T, W)).
+
 Differences from the official code, all deliberate:
-- Global-batch normalisers. The official `num_masks` is the per-GPU all-reduced mean count
-  `max(sum_gpus(count) / world_size, 1)`; DDP then averages gradients over GPUs, so the mask
-  and dice gradients are sum_all_masks / (world_size * num_masks). Here the whole (sharded)
-  batch is one jitted computation and `num_masks = max(total valid targets, 1)`, which gives the
-  same gradient whenever each GPU would see >= 1 target on average. `loss_class` and
-  `loss_label_nt` are weighted means over the global batch rather than means of per-GPU means
-  (identical for the existence term; for `loss_class` they differ only through the per-GPU
-  split of the matched-query weights).
+- The "global" normaliser by default (above); "official" reproduces the DDP objective.
 - Padding examples: `targets['weight']` (1 real, 0 padding) multiplies every example's
   contribution to every sum and normaliser (class, existence, mask/dice and `num_masks`).
+  Under "official", a group (official GPU) made only of padding takes no part: the group means
+  are averaged over the groups with any weight, and W in max(T, W) counts those groups.
 - Existence BCE is computed from the logit (log-sigmoid form). The official applies
   `F.binary_cross_entropy` to `sigmoid(logit)` with its log clamped at -100; the two agree
   except for a no-target sample whose logit is >= ~16, where float32 sigmoid rounds to 1 and
@@ -53,7 +67,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _REQUIRED_CONFIG_KEYS = (
     "num_points", "oversample_ratio", "importance_sample_ratio", "class_weight", "mask_weight",
     "dice_weight", "cost_class", "cost_mask", "cost_dice", "no_object_weight", "aux_weight",
-    "existence_weight")
+    "existence_weight", "normalizer", "official_world_size")
+NORMALIZERS = ("global", "official")
 
 
 def default_loss_config() -> mlc.ConfigDict:
@@ -71,6 +86,10 @@ def default_loss_config() -> mlc.ConfigDict:
       no_object_weight=0.1,  # empty_weight[1]: CE weight of the "not referred" class
       aux_weight=0.2,  # loss_weight['aux']: every auxiliary round's weights x 0.2
       existence_weight=1.0,  # loss_weight['existence']
+      # "global": one global-batch normaliser; "official": the DDP objective of
+      # official_world_size GPUs, the global batch split into that many consecutive groups.
+      normalizer="global",
+      official_world_size=1,  # GPUs of the official run (global batch = per-GPU batch x this)
   ))
 
 
@@ -242,7 +261,7 @@ def match_round(pred_masks: jax.Array, refer_logits: jax.Array, gt_masks: jax.Ar
 
   Args:
     pred_masks, refer_logits, gt_masks, points, config: as in `matching_costs`.
-    gt_valid: (B, K) bool; K <= N.
+    gt_valid: (B, K) bool; any K (K > N: at most N targets of a sample are matched).
   Returns:
     A batched `matching.Assignment` (every field has a leading B axis).
   """
@@ -269,7 +288,8 @@ def mask_losses(pred_masks: jax.Array, gt_masks: jax.Array, query_index: jax.Arr
     pred_masks: (B, N, H, W) mask logits.
     gt_masks: (B, K, H', W') target masks.
     query_index: (B, K) matched query per target slot (anything where pair_weight is 0).
-    pair_weight: (B, K) float, 1 for a real matched pair, 0 for padding.
+    pair_weight: (B, K) float, 1 for a real matched pair, 0 for padding or an unmatched
+      target.
     points: (B, K, P, 2) the points of each pair (official: `loss_masks` point_coords).
     num_masks: () the normaliser.
   Returns:
@@ -289,8 +309,46 @@ def mask_losses(pred_masks: jax.Array, gt_masks: jax.Array, query_index: jax.Arr
   return jnp.sum(pair_weight * bce) / num_masks, jnp.sum(pair_weight * dice) / num_masks
 
 
+def _check_groups(batch_size: int, num_groups: int) -> int:
+  """The group size B / num_groups; a ValueError naming loss.official_world_size otherwise."""
+  if not isinstance(num_groups, int) or num_groups < 1:
+    raise ValueError(f"loss.official_world_size={num_groups!r} must be an int >= 1")
+  if batch_size % num_groups:
+    raise ValueError(f"loss.official_world_size={num_groups} does not divide the global batch "
+                     f"B={batch_size}: the official normaliser splits the batch into that many "
+                     "equal per-GPU groups")
+  return batch_size // num_groups
+
+
+def active_groups(example_weight: jax.Array, num_groups: int) -> jax.Array:
+  """(num_groups,) bool: the consecutive groups of the batch holding any example weight."""
+  group_size = _check_groups(example_weight.shape[0], num_groups)
+  group_weight = example_weight.astype(jnp.float32).reshape(num_groups, group_size)  # (W, G)
+  return jnp.sum(group_weight, axis=1) > 0  # (W,)
+
+
+def _mean_of_group_means(values: jax.Array, weight: jax.Array, example_weight: jax.Array,
+                         num_groups: int) -> jax.Array:
+  """Mean over the active groups of each group's weighted mean of `values`.
+
+  Args:
+    values, weight: (B, ...) per-element values and weights (0 for padding examples).
+    example_weight: (B,) decides which groups take part.
+    num_groups: W; the batch is W consecutive groups of B / W examples.
+  Returns:
+    () float32; 0 if no group is active.
+  """
+  _check_groups(values.shape[0], num_groups)
+  weighted = (weight * values).reshape(num_groups, -1)  # (W, G * ...)
+  weight = jnp.broadcast_to(weight, values.shape).reshape(num_groups, -1)  # (W, G * ...)
+  group_mean = _safe_divide(jnp.sum(weighted, axis=1), jnp.sum(weight, axis=1))  # (W,)
+  active = active_groups(example_weight, num_groups)  # (W,)
+  return _safe_divide(jnp.sum(jnp.where(active, group_mean, 0.0)),
+                      jnp.sum(active.astype(jnp.float32)))
+
+
 def class_loss(refer_logits: jax.Array, query_matched: jax.Array, example_weight: jax.Array, *,
-               no_object_weight: float) -> jax.Array:
+               no_object_weight: float, num_groups: int = 1) -> jax.Array:
   """Weighted 2-class cross-entropy over all queries (`F.cross_entropy(weight=empty_weight)`).
 
   Args:
@@ -298,23 +356,34 @@ def class_loss(refer_logits: jax.Array, query_matched: jax.Array, example_weight
     query_matched: (B, N) bool, the queries matched to a target (target class 0).
     example_weight: (B,) 1 real, 0 padding.
     no_object_weight: the class weight of class 1 (the official empty_weight[1]).
+    num_groups: 1: one weighted mean over the batch; W > 1 (loss.normalizer "official"): the
+      mean over the W consecutive groups (official GPUs) with any weight of each group's
+      weighted mean.
   Returns:
-    () sum(w * ce) / sum(w).
+    () sum(w * ce) / sum(w) (per group, then averaged over groups if num_groups > 1).
   """
   log_prob = jax.nn.log_softmax(refer_logits.astype(jnp.float32), axis=-1)  # (B, N, 2)
   ce = -jnp.where(query_matched, log_prob[..., 0], log_prob[..., 1])  # (B, N)
   weight = (jnp.where(query_matched, 1.0, no_object_weight)
             * example_weight.astype(jnp.float32)[:, None])  # (B, N)
-  return _safe_divide(jnp.sum(weight * ce), jnp.sum(weight))
+  if num_groups == 1:
+    return _safe_divide(jnp.sum(weight * ce), jnp.sum(weight))
+  return _mean_of_group_means(ce, weight, example_weight, num_groups)
 
 
-def existence_loss(existence_logit: jax.Array, exists: jax.Array,
-                   example_weight: jax.Array) -> jax.Array:
-  """BCE of the existence logit (B, 1) against exists (B,); weighted batch mean, ()."""
+def existence_loss(existence_logit: jax.Array, exists: jax.Array, example_weight: jax.Array,
+                   num_groups: int = 1) -> jax.Array:
+  """BCE of the existence logit (B, 1) against exists (B,); weighted batch mean, ().
+
+  num_groups > 1 (loss.normalizer "official"): the mean over the consecutive groups with any
+  weight of each group's weighted mean.
+  """
   logit = existence_logit.reshape(-1).astype(jnp.float32)  # (B,)
   weight = example_weight.astype(jnp.float32)  # (B,)
   bce = _sigmoid_bce(logit, exists.astype(jnp.float32))  # (B,)
-  return _safe_divide(jnp.sum(weight * bce), jnp.sum(weight))
+  if num_groups == 1:
+    return _safe_divide(jnp.sum(weight * bce), jnp.sum(weight))
+  return _mean_of_group_means(bce, weight, weight, num_groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +397,19 @@ def _check_config(config: mlc.ConfigDict) -> None:
   missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
   if missing:
     raise KeyError(f"loss config lacks {missing}; start from losses.default_loss_config()")
+  if config.normalizer not in NORMALIZERS:
+    raise ValueError(f"loss.normalizer={config.normalizer!r} must be one of {NORMALIZERS}")
+  world_size = config.official_world_size
+  if not isinstance(world_size, int) or world_size < 1:
+    raise ValueError(f"loss.official_world_size={world_size!r} must be an int >= 1")
+
+
+def _num_groups(config: mlc.ConfigDict, batch_size: int) -> int:
+  """How many consecutive groups the normalisers treat separately (1 under "global")."""
+  if config.normalizer == "global":
+    return 1
+  _check_groups(batch_size, config.official_world_size)
+  return config.official_world_size
 
 
 def _check_shapes(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array]) -> None:
@@ -347,9 +429,6 @@ def _check_shapes(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
   if len(gt) != 4 or gt[0] != b:
     raise ValueError(f"deris_loss: targets['gt_masks'] must be (B={b}, K, H, W), got {gt}")
   k = gt[1]
-  if k > n:
-    raise ValueError(f"deris_loss: targets['gt_masks'] has K={k} target slots but only N={n} "
-                     "queries; every target needs its own query")
   aux = outputs["aux_pred_masks"].shape
   num_aux = aux[0] if len(aux) == 5 else -1
   expected = {
@@ -399,8 +478,13 @@ def _objective(outputs, targets, config, matcher_points: jax.Array, mask_point_d
   final_slice = lambda tree: jax.tree.map(lambda x: x[num_aux], tree)  # noqa: E731
   gt_masks, gt_valid = targets["gt_masks"], targets["gt_valid"].astype(bool)
   example_weight = targets["weight"].astype(jnp.float32)  # (B,)
-  pair_weight = gt_valid * example_weight[:, None]  # (B, K)
-  num_masks = jnp.maximum(jnp.sum(pair_weight), 1.0)
+  target_weight = gt_valid * example_weight[:, None]  # (B, K) every real target, matched or not
+  num_groups = _num_groups(config, example_weight.shape[0])
+  # The mask/dice normaliser counts all targets: max(T, 1), or max(T, W) for the official DDP
+  # objective (W = the groups with any weight; the official (1/W) sum_g sum_g / max(T/W, 1)).
+  floor = (1.0 if num_groups == 1 else
+           jnp.maximum(jnp.sum(active_groups(example_weight, num_groups)), 1).astype(jnp.float32))
+  num_masks = jnp.maximum(jnp.sum(target_weight), floor)
 
   # Every round's (small) cost matrix, then one batched exact solve for all rounds.
   def round_costs(pred_masks, refer_logits, points):
@@ -410,17 +494,19 @@ def _objective(outputs, targets, config, matcher_points: jax.Array, mask_point_d
                        (final_masks, final_logits, final_slice(matcher_points)))  # (R+1,B,N,K)
   solve = jax.vmap(jax.vmap(matching.linear_sum_assignment), in_axes=(0, None))
   assignments = solve(costs, gt_valid)  # fields (R+1, B, ...)
-  query_index = jnp.maximum(assignments.query_for_target, 0)  # (R+1, B, K), 0 on empty slots
+  query_index = jnp.maximum(assignments.query_for_target, 0)  # (R+1, B, K), 0 if unmatched
 
-  def round_terms(pred_masks, refer_logits, query, matched, point_data):
+  def round_terms(pred_masks, refer_logits, query, matched, target_matched, point_data):
     points = mask_points_fn(pred_masks, query, point_data)  # (B, K, P, 2)
+    pair_weight = target_weight * target_matched  # (B, K) real and matched
     loss_mask, loss_dice = mask_losses(pred_masks, gt_masks, query, pair_weight, points,
                                        num_masks)
     loss_cls = class_loss(refer_logits, matched, example_weight,
-                          no_object_weight=config.no_object_weight)
+                          no_object_weight=config.no_object_weight, num_groups=num_groups)
     return jnp.stack([loss_cls, loss_mask, loss_dice])  # (3,)
 
-  per_round = (query_index, assignments.query_matched, mask_point_data)
+  per_round = (query_index, assignments.query_matched, assignments.target_matched,
+               mask_point_data)
   terms = _over_rounds(round_terms, (aux_masks, aux_logits) + aux_slice(per_round),
                        (final_masks, final_logits) + final_slice(per_round))  # (R+1, 3)
 
@@ -436,7 +522,8 @@ def _objective(outputs, targets, config, matcher_points: jax.Array, mask_point_d
     for t, name in enumerate(("class", "mask", "dice")):
       metrics[f"raw/loss_{name}{suffix}"] = terms[r, t]
 
-  loss_exist = existence_loss(outputs["existence_logit"], targets["exists"], example_weight)
+  loss_exist = existence_loss(outputs["existence_logit"], targets["exists"], example_weight,
+                              num_groups)
   total_exist = config.existence_weight * loss_exist
   total = total_class + total_mask + total_exist
   metrics.update({"raw/loss_label_nt": loss_exist, "total/loss_class": total_class,
@@ -453,14 +540,15 @@ def deris_loss(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array
     outputs: `pred_masks` (B, N, H, W) final-round mask logits, `refer_logits` (B, N, 2),
       `existence_logit` (B, 1), `aux_pred_masks` (R, B, N, H, W) and `aux_refer_logits`
       (R, B, N, 2) for the auxiliary rounds 0..R-1.
-    targets: `gt_masks` (B, K, H', W') referred-instance masks (bool/uint8/float), K <= N,
+    targets: `gt_masks` (B, K, H', W') referred-instance masks (bool/uint8/float), any K
+      (a sample with more than N valid targets matches N of them; `num_masks` counts all),
       `gt_valid` (B, K) bool, `exists` (B,) int, `weight` (B,) float (1 real, 0 padding).
     rng: a PRNG key for the random points.
     config: the loss config (`default_loss_config()`).
   Returns:
     (total loss (), metrics): `raw/loss_{class,mask,dice}[_r]` unweighted per round (no suffix
     = final), `raw/loss_label_nt`, the weighted `total/loss_{class,mask,label_nt}`, `loss`
-    (their sum) and `num_masks`.
+    (their sum) and `num_masks` (the effective mask/dice normaliser, see the module doc).
   """
   _check_config(config)
   _check_shapes(outputs, targets)

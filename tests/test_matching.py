@@ -20,16 +20,19 @@ def _scipy_reference(cost, valid):
 
 
 def _check_consistent(assignment, valid):
-  """The four fields of one Assignment describe the same matching."""
+  """The five fields of one Assignment describe the same matching, of size min(N, V)."""
   q = np.asarray(assignment.query_for_target)
   matched = np.asarray(assignment.query_matched)
   target_of = np.asarray(assignment.target_for_query)
+  target_matched = np.asarray(assignment.target_matched)
   np.testing.assert_array_equal(np.asarray(assignment.target_valid), valid)
+  np.testing.assert_array_equal(target_matched, q >= 0)
   assert (q[~valid] == -1).all()
-  assert len(set(q[valid])) == valid.sum()  # distinct queries
-  assert matched.sum() == valid.sum()
-  np.testing.assert_array_equal(np.flatnonzero(matched), np.sort(q[valid]))
-  for k in np.flatnonzero(valid):
+  size = min(len(matched), valid.sum())
+  assert target_matched.sum() == size and matched.sum() == size
+  assert len(set(q[target_matched])) == size  # distinct queries
+  np.testing.assert_array_equal(np.flatnonzero(matched), np.sort(q[target_matched]))
+  for k in np.flatnonzero(target_matched):
     assert target_of[q[k]] == k
   assert (target_of[~matched] == -1).all()
 
@@ -115,8 +118,6 @@ def test_no_valid_target_matches_nothing():
 
 
 def test_bad_shapes_are_rejected():
-  with pytest.raises(ValueError, match="K=5 target slots exceed N=4"):
-    matching.linear_sum_assignment(jnp.zeros((4, 5)))
   with pytest.raises(ValueError, match=r"target_valid has shape \(2,\)"):
     matching.linear_sum_assignment(jnp.zeros((4, 3)), jnp.ones((2,), bool))
   with pytest.raises(ValueError, match="cost must be"):
@@ -133,3 +134,107 @@ def test_nan_costs_still_give_a_one_to_one_matching():
   got = _solve(jnp.asarray(cost), jnp.asarray(valid))
   for b in range(4):
     _check_consistent(_unbatch(got, b), valid[b])
+
+
+# ----------------------------------------------------------------------------------------------
+# More target slots than queries (gRefCOCO: N = 20 queries, K = 32 slots)
+
+
+def _valid_counts(num_targets, batch, rng):
+  """(batch, K) validity masks whose counts run over 0..K, with holes anywhere."""
+  valid = np.zeros((batch, num_targets), bool)
+  for b in range(batch):
+    valid[b, rng.choice(num_targets, b % (num_targets + 1), replace=False)] = True
+  return valid
+
+
+@pytest.mark.parametrize("num_queries,num_targets", [(1, 3), (5, 9), (20, 32)])
+def test_more_slots_than_queries_match_scipy(num_queries, num_targets):
+  """Static K > N; V < N, V == N, N < V < K, V == K and V == 0 all occur, garbage in the
+  invalid slots; tie-free costs, so the assignment itself must equal scipy's."""
+  rng = np.random.default_rng(10 * num_queries + num_targets)
+  batch = 3 * (num_targets + 1)
+  valid = _valid_counts(num_targets, batch, rng)
+  counts = valid.sum(1)
+  assert {0, num_queries, num_targets} <= set(counts)
+  assert ((counts > 0) & (counts < num_queries)).any() or num_queries == 1
+  assert ((counts > num_queries) & (counts < num_targets)).any()
+  cost = rng.normal(size=(batch, num_queries, num_targets)).astype(np.float32)
+  cost = np.where(valid[:, None, :], cost, np.nan)  # invalid slots hold garbage
+  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
+  for b in range(batch):
+    want_total, want_query = _scipy_reference(cost[b], valid[b])
+    one = _unbatch(got, b)
+    _check_consistent(one, valid[b])
+    np.testing.assert_array_equal(one.query_for_target, want_query, err_msg=f"V={counts[b]}")
+    total = float(matching.assignment_cost(jnp.nan_to_num(cost[b]), one))
+    np.testing.assert_allclose(total, want_total, rtol=1e-5, atol=1e-5)
+
+
+def test_more_slots_than_queries_unbatched_jit():
+  """Without vmap the orientation is a real lax.cond: both branches, one compiled program."""
+  solve_one = jax.jit(matching.linear_sum_assignment)
+  rng = np.random.default_rng(11)
+  for count in (0, 3, 6, 7, 11):  # N = 6 queries, K = 11 slots
+    valid = np.zeros(11, bool)
+    valid[rng.choice(11, count, replace=False)] = True
+    cost = rng.random((6, 11)).astype(np.float32) * 10.0 ** rng.integers(-2, 3)
+    one = solve_one(jnp.asarray(cost), jnp.asarray(valid))
+    one = matching.Assignment(*(np.asarray(field) for field in one))
+    _check_consistent(one, valid)
+    want_total, want_query = _scipy_reference(cost, valid)
+    np.testing.assert_array_equal(one.query_for_target, want_query, err_msg=f"V={count}")
+    np.testing.assert_allclose(float(matching.assignment_cost(cost, one)), want_total,
+                               rtol=1e-5)
+
+
+def test_more_slots_than_queries_ties_reach_the_optimal_cost():
+  """Small integer costs (many ties), K > N, V on both sides of N: scipy's total cost."""
+  rng = np.random.default_rng(12)
+  cost = rng.integers(0, 3, size=(300, 6, 10)).astype(np.float32)
+  valid = _valid_counts(10, 300, rng)
+  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
+  for b in range(300):
+    want_total, _ = _scipy_reference(cost[b], valid[b])
+    one = _unbatch(got, b)
+    _check_consistent(one, valid[b])
+    assert float(matching.assignment_cost(cost[b], one)) == want_total
+
+
+def test_more_slots_than_queries_ignore_invalid_slots():
+  """Very attractive garbage (and inf) in the invalid slots changes nothing, V > N and V < N."""
+  rng = np.random.default_rng(13)
+  for count in (3, 7):  # N = 5 queries
+    compact = rng.normal(size=(40, 5, count)).astype(np.float32)
+    slots = np.sort(rng.choice(12, count, replace=False))
+    padded = np.full((40, 5, 12), -1e6, np.float32)
+    padded[:, :, slots] = compact
+    padded[:, 0, [s for s in range(12) if s not in slots][0]] = np.inf
+    valid = np.zeros((40, 12), bool)
+    valid[:, slots] = True
+    got = _solve(jnp.asarray(padded), jnp.asarray(valid))
+    for b in range(40):
+      _, want_query = _scipy_reference(compact[b], np.ones(count, bool))
+      np.testing.assert_array_equal(np.asarray(got.query_for_target)[b, slots], want_query)
+      assert (np.asarray(got.query_for_target)[b, ~valid[b]] == -1).all()
+
+
+def test_more_slots_than_queries_nan_costs_stay_one_to_one():
+  cost = np.random.default_rng(14).normal(size=(4, 3, 8)).astype(np.float32)
+  valid = np.ones((4, 8), bool)
+  valid[2, 2:] = False  # V = 2 < N
+  cost[0, :, 1] = np.nan
+  cost[1] = np.nan
+  cost[2, 0, 0] = np.nan
+  cost[3, 1, 4] = np.inf
+  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
+  for b in range(4):
+    one = _unbatch(got, b)
+    q = np.asarray(one.query_for_target)
+    assert (q[~valid[b]] == -1).all()
+    assert len(set(q[q >= 0])) == (q >= 0).sum()  # distinct queries
+    target_of = np.asarray(one.target_for_query)
+    for k in np.flatnonzero(q >= 0):
+      assert target_of[q[k]] == k
+    np.testing.assert_array_equal(np.asarray(one.query_matched), target_of >= 0)
+  _check_consistent(_unbatch(got, 3), valid[3])  # inf is just a bad pair: full matching

@@ -163,7 +163,14 @@ def test_variant_configs_carry_the_reference_recipe(variant):
   assert config.schedule.warmup_epochs == (1 if refcoco else 0)
   assert config.data.name == ("refcoco_mixed" if refcoco else "grefcoco")
   assert config.eval.splits == tuple(config.data.eval_splits)
-  assert config.loss.to_dict() == losses.default_loss_config().to_dict()  # §6
+  loss = config.loss.to_dict()
+  # The official 4-GPU DDP objective, with the sampler's per-GPU groups (one linked value).
+  assert (loss.pop("normalizer"), loss.pop("official_world_size")) == ("official", 4)
+  assert config.data.official_world_size == 4
+  assert config.data.batch_size == (64 if refcoco else 4)  # §9: 16 / 1 per GPU x 4
+  default = losses.default_loss_config().to_dict()
+  del default["normalizer"], default["official_world_size"]
+  assert loss == default  # §6
   state_lib.frozen_patterns(config)  # consistent with model.freeze_swin
 
 
