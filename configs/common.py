@@ -82,6 +82,10 @@ def loss_config() -> mlc.ConfigDict:
       no_object_weight=0.1,  # §6 empty_weight[1]
       aux_weight=0.2,  # §6 loss_weight['aux'] for each of the 3 auxiliary rounds
       existence_weight=1.0,  # §6 existence loss weight
+      # §6 num_masks / DDP: "global" normalises over the global batch; "official" reproduces
+      # the DDP objective of official_world_size GPUs (deris_jax.losses module doc).
+      normalizer="global",
+      official_world_size=1,  # GPUs of the official run: global batch = per-GPU batch x this
   ))
 
 
@@ -156,6 +160,8 @@ def add_training(config: mlc.ConfigDict, *, epochs: int, warmup_epochs: int,
                  decay_epochs) -> mlc.ConfigDict:
   """Adds the loss, optimizer, schedule, train, mesh and sharding sections to `config`."""
   config.loss = loss_config()
+  if "data" in config:  # one value: the sampler's and the loss's per-GPU groups agree
+    config.loss.official_world_size = config.data.get_ref("official_world_size")
   config.optimizer = optimizer_config()
   config.schedule = schedule_config(warmup_epochs=warmup_epochs, decay_epochs=decay_epochs)
   config.train = train_config(epochs=epochs)

@@ -42,11 +42,14 @@ def _common(**overrides) -> mlc.ConfigDict:
       tokenizer_path="pretrain_weights/beit3.spm",  # §8: XLM-R sentencepiece of BEiT-3
       max_instances=1,  # static K of gt_masks; an error names the split if it is too small
       canvas_size=(640, 640),  # eval: original-resolution GT canvas; COCO images are <= 640
-      batch_size=64,  # global train batch: §9 16 per GPU x 4 GPUs (GPU count not in configs)
+      batch_size=64,  # global train batch = official samples_per_gpu x official_world_size
+      # The official GPU count the global batch stands for (the DeRIS README trains on 4; the
+      # official configs do not say). The sampler cuts each global batch into this many
+      # aspect-homogeneous per-GPU batches (deris_jax.data.order), as mmdet's
+      # DistributedGroupSampler does; loss.normalizer='official' uses the same groups.
+      official_world_size=1,
       eval_batch_size=16,  # global eval batch; §8 samples_per_gpu 16 (RefCOCO)
       nsc=_nsc(False),
-      shuffle_buffer_images=512,  # training: images shuffled before their entries are split
-      shuffle_buffer_examples=1024,  # training: then examples (~0.6 MB each at 384+224 uint8)
       num_parallel_calls=-1,  # -1 = tf.data.AUTOTUNE
       prefetch=2,  # batches
   ))
@@ -61,7 +64,8 @@ def refcoco_data() -> mlc.ConfigDict:
       eval_splits=REFCOCO_EVAL_SPLITS,
       max_tokens=20,  # §8
       max_instances=1,  # §8: one referred annotation per RefCOCO entry
-      batch_size=64,  # §9: 16 per GPU (x 4 GPUs assumed)
+      batch_size=64,  # §9: 16 per GPU x 4 GPUs (official_world_size)
+      official_world_size=4,
       eval_batch_size=16,  # §8/§4: eval batch 16 (query_SA groups of 16 in the model)
   )
 
@@ -73,7 +77,8 @@ def grefcoco_data() -> mlc.ConfigDict:
       eval_splits=GREFCOCO_EVAL_SPLITS,
       max_tokens=50,  # §8
       max_instances=32,  # gRefCOCO multi-target expressions; preparation records the max
-      batch_size=4,  # §9: 1 per GPU (x 4 GPUs in multi_act.sh)
+      batch_size=4,  # §9: 1 per GPU x 4 GPUs (official_world_size; 4 in multi_act.sh)
+      official_world_size=4,
       eval_batch_size=16,  # §8 used 1 per GPU; the model's compat_group_size=1 keeps samples
                            # independent, so a larger eval batch gives the same numbers
       nsc=_nsc(True),  # §7: gRefCOCO train only
@@ -90,12 +95,11 @@ def synthetic_data(variant: str = "shapes64") -> mlc.ConfigDict:
       image_size=(size, size),  # small perception input (Swin patch 4 x 8 = 32 divides it)
       cognition_image_size=(size, size),  # BEiT-3 patch 16 divides it
       max_tokens=12,  # synthetic expressions are <= 5 words
-      tokenizer_path=None,  # None: the sentencepiece model stored in the dataset metadata
+      # None: the sentencepiece model stored in the dataset metadata (str when set)
+      tokenizer_path=mlc.config_dict.placeholder(str),
       max_instances=4,  # = the builder's max_objects
       canvas_size=(size, size),
       batch_size=16,
       eval_batch_size=16,
       nsc=_nsc(False),  # the synthetic set has its own no-target expressions
-      shuffle_buffer_images=256,
-      shuffle_buffer_examples=512,
   )

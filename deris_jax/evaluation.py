@@ -20,13 +20,13 @@ Resolutions (reference.md §5, §10):
 query_SA groups (reference.md §4, configs/eval_common.py). With `model.reference_compat` and
 `model.compat_group_size` g > 1 the model mixes the samples of each group of g consecutive
 samples of a batch, so the numbers depend on the grouping. The official numbers come from one
-GPU with batch g: groups of g consecutive samples of the split, the last one smaller. Here the
-global eval batch is rounded up to a multiple of g * processes and of the device count (groups
-stay whole on one host), and on each host the last incomplete group (real samples followed by
-padding) is run again on its own, on one local device, so padding never enters a group. With
-one process this is exactly the official grouping, for any device count and batch size. With
-several processes each host's stream starts at an image boundary, so the groups (and the
-numbers, slightly) differ from the single-GPU protocol; use one process for exact numbers.
+GPU with batch g, in the order of the annotation file: groups of g consecutive entries of the
+file, the last one smaller. Here the split is read in that same order (`data.order`: rows keep
+the file's order) and cut into global eval batches rounded up to a multiple of g * processes
+and of the device count; each process reads its contiguous block of every global batch (whole
+groups), and the last incomplete group (real samples followed by padding) is run again on its
+own, on one local device, so padding never enters a group. This is exactly the official
+grouping for any number of devices and processes and any batch size.
 """
 import dataclasses
 import json
@@ -328,14 +328,19 @@ def evaluate_local(graphdef, state, config: ml_collections.ConfigDict, split: st
                    settings: EvalSettings, *, mesh: Mesh, process_index: int,
                    process_count: int) -> LocalEval:
   """Runs this host's share of `split` (`process_index` of `process_count` data shards)."""
+  from deris_jax.data import order  # pylint: disable=g-import-not-at-top
   from deris_jax.data import pipeline  # TensorFlow: only when a dataset is read
 
   sharding = batch_sharding(mesh)
   global_batch = global_eval_batch(settings.batch_size, settings.group_size, process_count,
                                    mesh.size)
+  rows = order.host_rows(global_batch, process_index, process_count)
+  if jax.process_count() > 1 and not np.array_equal(rows,
+                                                    local_row_indices(global_batch, sharding)):
+    raise ValueError("the eval mesh does not give each process a contiguous block of the batch "
+                     "in process order: order the mesh devices by process")
   pipe = pipeline.make_pipeline(config.data, split, train=False, batch_size=global_batch,
-                                seed=0, process_index=process_index,
-                                process_count=process_count)
+                                local_rows=rows)
   device_batch = pipe.per_host_batch * jax.process_count()
   if device_batch % mesh.size:
     raise ValueError(f"eval batch {device_batch} does not split over {mesh.size} devices")
@@ -453,6 +458,8 @@ def combine(locals_: Sequence[LocalEval], settings: EvalSettings, *, split: str,
   records = {k: np.concatenate([l.records[k] for l in locals_]) for k in RECORD_FIELDS}
   keep = records.pop("valid").astype(bool)
   records = {k: v[keep] for k, v in records.items()}
+  in_file_order = np.argsort(records["example_id"], kind="stable")
+  records = {k: v[in_file_order] for k, v in records.items()}
   if len(np.unique(records["example_id"])) != expected_samples:
     raise RuntimeError(f"split '{split}': per-sample ids are not the split's {expected_samples} "
                        "distinct examples")
@@ -553,8 +560,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str, *
       "eval_batch_size": global_batch, "configured_batch_size": settings.batch_size,
       "compat_group_size": settings.group_size,
       "grouping": ("independent samples" if settings.group_size == 1 else
-                   "official (one process)" if jax.process_count() == 1 else
-                   "per-host consecutive groups (differs from the one-GPU protocol)"),
+                   "official: consecutive entries of the annotation file"),
       "processes": jax.process_count(), "devices": int(mesh.size),
       "mask_threshold": settings.mask_threshold, "existence_veto": settings.existence_veto,
   }

@@ -1,4 +1,6 @@
 """TFDS builders on tiny files in each official format: counts, mask areas, identical examples."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -35,9 +37,9 @@ def prepared(tmp_path_factory):
 
 
 def _examples(builder, split):
-  """Examples as plain python values (image bytes replaced by the decoded pixels' sum)."""
+  """Records in storage order as plain python values (image replaced by its pixels' sum)."""
   out = []
-  for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+  for ex in builder.as_data_source(split):
     out.append({
         "image_id": int(ex["image_id"]), "hw": (int(ex["height"]), int(ex["width"])),
         "pixels": int(ex["image"].astype(np.int64).sum()),
@@ -60,15 +62,22 @@ def test_example_counts(prepared, dataset, fmt):
   assert builder.info.metadata["skipped"] == {}
 
 
+def _without_file_index(splits):
+  return {name: {**split, "rows": {k: v for k, v in split["rows"].items() if k != "file_index"}}
+          for name, split in splits.items()}
+
+
 @pytest.mark.parametrize("dataset", sorted(EXPECTED_COUNTS))
 def test_both_formats_give_identical_examples(prepared, dataset):
+  """The tiny files list the entries in the same order in both formats; only the positions
+  in the files differ (the REFER releases keep one refs file per dataset, all splits in it)."""
   deris, refer = prepared[(dataset, "deris")][1], prepared[(dataset, "refer")][1]
-  assert deris.info.metadata["splits"] == refer.info.metadata["splits"]
-  every_split = "+".join(EXPECTED_COUNTS[dataset])  # one read of all splits, in order
-  deris_examples = _examples(deris, every_split)
-  assert len(deris_examples) == sum(len(s["images"]["image_id"])
-                                    for s in deris.info.metadata["splits"].values())
-  assert deris_examples == _examples(refer, every_split)
+  assert (_without_file_index(deris.info.metadata["splits"])
+          == _without_file_index(refer.info.metadata["splits"]))
+  for split in EXPECTED_COUNTS[dataset]:
+    deris_examples = _examples(deris, split)
+    assert len(deris_examples) == len(deris.info.metadata["splits"][split]["images"]["image_id"])
+    assert deris_examples == _examples(refer, split)
 
 
 def test_mask_areas_targets_and_sources(prepared):
@@ -88,6 +97,9 @@ def test_mask_areas_targets_and_sources(prepared):
   assert rows["num_targets"] == [2, 2, 0, 1]
   assert builder.info.metadata["splits"]["train"]["max_targets"] == 2
   mixed = prepared[("refcoco_mixed", "deris")][1].info.metadata["splits"]
+  # A DeRIS evaluation record with two sentences: two rows with the record's file index.
+  assert mixed["testA_refcoco_unc"]["rows"]["file_index"] == [0, 0]
+  assert mixed["train"]["rows"]["file_index"] == [0, 1, 2]
   # Training entries keep all sentences of a ref; evaluation entries one sentence each.
   assert mixed["train"]["rows"]["expressions"][0] == ["The man on the LEFT.", "left guy"]
   assert mixed["testA_refcoco_unc"]["rows"]["expressions"] == [["bottom thing"],
@@ -96,10 +108,29 @@ def test_mask_areas_targets_and_sources(prepared):
   assert mixed["val_refcocog_umd"]["rows"]["source"] == ["refcocog_umd"]
 
 
-def test_records_are_in_index_order(prepared):
+def test_records_are_read_by_image_position(prepared):
+  """Record k is the image at position k of the split index (what the pipeline reads)."""
   builder = prepared[("grefcoco", "refer")][1]
-  examples = _examples(builder, "train")
-  assert [e["image_id"] for e in examples] == [9, 25, 30]
-  assert [row for e in examples for row, *_ in e["entries"]] == [0, 1, 2, 3]
-  half = _examples(builder, "train[1:3]")
-  assert [e["image_id"] for e in half] == [25, 30]
+  index = builder.info.metadata["splits"]["train"]
+  records = builder.as_data_source("train")
+  assert [int(records[k]["image_index"]) for k in range(len(records))] == [0, 1, 2]
+  assert [int(records[k]["image_id"]) for k in range(len(records))] == index["images"]["image_id"]
+  for row, position in enumerate(index["rows"]["image_index"]):
+    assert row in [int(r) for r in records[position]["entries"]["row"]]
+
+
+def test_rows_keep_the_annotation_file_order(tmp_path):
+  """Rows follow the file, not (image, ...) order: evaluation groups are the file's."""
+  manual = tmp_path / "manual"
+  tiny_files.write_deris(str(manual))
+  path = manual / "annotations" / "grefs" / "instances.json"
+  data = json.loads(path.read_text())
+  data["val"] = data["val"][::-1] + data["testA"]  # images 9, 25, 30: not sorted below
+  data["val"] = [data["val"][2], data["val"][0], data["val"][1]]
+  path.write_text(json.dumps(data))
+  prepare.prepare("grefcoco", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  index = registry.open_builder("grefcoco", "deris", str(tmp_path / "tfds")).info.metadata
+  rows = index["splits"]["val"]["rows"]
+  assert rows["image_id"] == [30, 9, 25]
+  assert rows["file_index"] == [0, 1, 2]
+  assert rows["expressions"] == [["long thin bar"], ["a dog on the right"], ["the two boxes"]]

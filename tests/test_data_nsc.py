@@ -70,6 +70,20 @@ def test_no_target_samples_are_never_converted_and_tries_are_bounded():
   assert (out == -1).all()  # no candidate has more than 10 words
 
 
-def test_bank_rows_must_be_grouped_by_image():
-  with pytest.raises(ValueError, match="grouped by image"):
-    nsc.ExpressionBank(["a", "b", "c"], [0, 1, 0])
+def test_bank_takes_rows_in_any_order():
+  """Rows in annotation-file order (not grouped by image): the same rules hold."""
+  texts, slots = _bank()
+  shuffle = np.random.default_rng(1).permutation(len(texts))  # row r holds old row shuffle[r]
+  texts, slots = [texts[i] for i in shuffle], slots[shuffle]
+  bank = nsc.ExpressionBank(texts, slots)
+  rows, out = _run(bank, nsc.NscConfig(rate=0.5, threshold=0.6, max_tries=50), 1000)
+  converted = out >= 0
+  assert abs(converted.mean() - 0.5) < 0.064  # 4 sigma of Binomial(1000, 0.5)
+  for own, new in zip(rows[converted], out[converted]):
+    assert slots[new] != slots[own]
+    assert nsc.char_similarity(texts[new], texts[own]) < 0.6
+
+
+def test_bank_needs_every_image_slot():
+  with pytest.raises(ValueError, match="no slot left empty"):
+    nsc.ExpressionBank(["a", "b", "c"], [0, 2, 0])

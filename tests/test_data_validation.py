@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 from deris_jax.data import deris_format
 from deris_jax.data import entries as E
 from deris_jax.data import prepare
+from deris_jax.data import referring_builder
 from deris_jax.data import tiny_files
 
 tfds.disable_progress_bar()
@@ -107,7 +108,8 @@ def test_skip_invalid_drops_and_counts(tmp_path, capsys):
   assert "2 x unreadable image" in printed
   assert "2 x annotation without a positive id" in printed
   assert counts == {"train": 1, "val": 1, "testA": 1, "testB": 1}
-  builder_dir = tmp_path / "tfds" / "grefcoco" / "deris" / "1.0.0"
+  builder_dir = (tmp_path / "tfds" / "grefcoco" / "deris"
+                 / str(referring_builder.ReferringBuilder.VERSION))
   metadata = json.loads((builder_dir / "metadata.json").read_text())
   assert metadata["skipped"] == {"unreadable image": 2, "annotation without a positive id": 2}
 

@@ -84,10 +84,12 @@ def test_two_hosts_merged_equal_one_pass(data_dir, one_device, sweep_run):
   graphdef, state = nnx.split(H.FakeDeris())
   hosts = [evaluation.evaluate_local(graphdef, state, config, "val", settings, mesh=one_device,
                                      process_index=p, process_count=2) for p in range(2)]
-  # Images are split 4 / 4 between the hosts; each pads its stream to the same length.
-  assert [h.num_examples for h in hosts] == [12, 12]
+  # Global batches of 10 in file order, 5 rows per host: rows 0-4, 10-14, 20-23 + 1 padding
+  # row on host 0; rows 5-9, 15-19 and 5 padding rows on host 1.
+  assert [h.num_examples for h in hosts] == [14, 10]
   assert [len(h.records["example_id"]) for h in hosts] == [15, 15]
-  assert [int((h.records["example_id"] == -1).sum()) for h in hosts] == [3, 3]
+  assert [int((h.records["example_id"] == -1).sum()) for h in hosts] == [1, 5]
+  np.testing.assert_array_equal(hosts[1].records["example_id"][:5] % 10**9, np.arange(5, 10))
   merged, records = evaluation.combine(hosts, settings, split="val",
                                        expected_samples=SPLIT_SIZE)
   single, single_lines = sweep_run
@@ -96,7 +98,7 @@ def test_two_hosts_merged_equal_one_pass(data_dir, one_device, sweep_run):
     np.testing.assert_array_equal(records[name], [line[name] for line in single_lines])
   np.testing.assert_array_equal(records["pred_no_target"],
                                 [line["no_target_predicted"] for line in single_lines])
-  with pytest.raises(RuntimeError, match="counted 12 samples, the split has 24"):
+  with pytest.raises(RuntimeError, match="counted 14 samples, the split has 24"):
     evaluation.combine(hosts[:1], settings, split="val", expected_samples=SPLIT_SIZE)
 
 
@@ -145,6 +147,27 @@ def test_incomplete_last_group_is_not_mixed_with_padding(data_dir, tmp_path):
   mixed = H.fake_outputs(*(pad(a) for a in args[:3]), offsets, group, np)["refer_logits"][:4]
   change = np.abs(np.asarray(jax.nn.softmax(mixed, -1)[..., 0]) - want[20:])  # (4, N)
   assert change.max(axis=1).min() > 1e-3
+
+
+def test_groups_are_the_file_order_on_any_number_of_hosts(data_dir, one_device):
+  """Two hosts (5 rows of each global batch of 10 = one group each): the official groups."""
+  group = 5
+  config = H.fake_config(data_dir, group=group, batch_size=8)
+  settings = evaluation.settings_from_config(config, score_threshold=0.3)
+  model = H.FakeDeris(group=group)
+  graphdef, state = nnx.split(model)
+  hosts = [evaluation.evaluate_local(graphdef, state, config, "val", settings, mesh=one_device,
+                                     process_index=p, process_count=2) for p in range(2)]
+  _, records = evaluation.combine(hosts, settings, split="val", expected_samples=SPLIT_SIZE)
+  batch = _val_batches(config)
+  offsets = np.asarray(model.offsets[...])
+  args = (batch["image"], batch["text_ids"], batch["text_padding_mask"])
+  full = H.fake_outputs(*(a[:20] for a in args), offsets, group, np)
+  tail = H.fake_outputs(*(a[20:] for a in args), offsets, group, np)
+  logits = np.concatenate([full["refer_logits"], tail["refer_logits"]])  # (24, N, 2)
+  np.testing.assert_allclose(records["scores"], jax.nn.softmax(logits, axis=-1)[..., 0],
+                             atol=2e-6)
+  np.testing.assert_array_equal(records["example_id"] % 10**9, np.arange(SPLIT_SIZE))
 
 
 def test_group_size_rounds_the_eval_batch():

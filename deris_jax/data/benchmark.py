@@ -11,6 +11,7 @@ cores" lets tf.data use every core. Prints examples/s for both.
 """
 import argparse
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -90,21 +91,26 @@ def _single_core(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.with_options(options)
 
 
+def _batches(config, single_core: bool):
+  """Training batches over consecutive epochs (each one sampler pass)."""
+  for epoch in itertools.count():
+    p = pipeline.make_pipeline(config, "train", train=True, batch_size=config.batch_size,
+                               epoch=epoch, process_index=0, process_count=1)
+    yield from (_single_core(p.dataset) if single_core else p.dataset)
+
+
 def throughput(config, *, batches: int, single_core: bool) -> float:
   """Training examples/s after two warm-up batches."""
   config = config.copy_and_resolve_references()
   if single_core:
     config.num_parallel_calls = 1
-  p = pipeline.make_pipeline(config, "train", train=True, batch_size=config.batch_size,
-                             process_index=0, process_count=1)
-  dataset = _single_core(p.dataset) if single_core else p.dataset
-  iterator = iter(dataset)
+  iterator = _batches(config, single_core)
   for _ in range(2):
     next(iterator)
   start = time.perf_counter()
   for _ in range(batches):
     next(iterator)
-  return batches * p.per_host_batch / (time.perf_counter() - start)
+  return batches * config.batch_size / (time.perf_counter() - start)
 
 
 def main(argv=None) -> None:

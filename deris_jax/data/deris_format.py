@@ -10,6 +10,7 @@
   id -1), `height`, `width`.
 Images: `images/mscoco/train2014/COCO_train2014_%012d.jpg`.
 """
+import dataclasses
 import json
 import os
 from typing import Any
@@ -97,8 +98,7 @@ def _split_entries(entry: E.Entry, train: bool) -> list[E.Entry]:
   """Evaluation entries carry one expression each; training entries keep all of theirs."""
   if train or len(entry.expressions) == 1:
     return [entry]
-  return [E.Entry(entry.image_id, (text,), entry.target_ids, entry.source, entry.where)
-          for text in entry.expressions]
+  return [dataclasses.replace(entry, expressions=(text,)) for text in entry.expressions]
 
 
 def read_refcoco_mixed(manual_dir: str, report: E.SkipReport) -> dict[str, E.SplitData]:
@@ -129,7 +129,7 @@ def read_refcoco_mixed(manual_dir: str, report: E.SkipReport) -> dict[str, E.Spl
         continue
       _add_image(split_data.images, _image_info(record, image_id, images_dir, where))
       _add_segmentation(split_data.segmentations, ann_id, E.field(record, "mask", where), where)
-      entry = E.Entry(image_id, expressions, (ann_id,), source, where)
+      entry = E.Entry(image_id, expressions, (ann_id,), source, where, file_index=index)
       split_data.entries.extend(_split_entries(entry, train=split == "train"))
     out[split] = split_data
   return out
@@ -200,7 +200,7 @@ def read_grefcoco(manual_dir: str, report: E.SkipReport) -> dict[str, E.SplitDat
       if targets is None:
         continue
       _add_image(split_data.images, _image_info(record, image_id, images_dir, where))
-      entry = E.Entry(image_id, texts, targets, "grefcoco", where)
+      entry = E.Entry(image_id, texts, targets, "grefcoco", where, file_index=index)
       split_data.entries.extend(_split_entries(entry, train=split == "train"))
     out[split] = split_data
   return out

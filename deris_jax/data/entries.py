@@ -25,16 +25,17 @@ class Entry:
 
   Training entries may hold several expressions (the DeRIS RefCOCO files keep all sentences of
   a ref; the pipeline draws one per visit, as the official loader does). Evaluation entries hold
-  exactly one. `target_ids` is empty for a no-target expression (gRefCOCO).
+  exactly one (a record with several sentences becomes consecutive entries with the same
+  `file_index`). `target_ids` is empty for a no-target expression (gRefCOCO).
   """
   image_id: int
   expressions: tuple[str, ...]
   target_ids: tuple[int, ...]
   source: str  # which dataset the entry comes from (see `SOURCES`)
   where: str = dataclasses.field(default="", compare=False)  # "file: record" for messages
-
-  def sort_key(self):
-    return (self.image_id, SOURCES.index(self.source), self.target_ids, self.expressions)
+  # Position of the record in its annotation file (the official dataset index); the split
+  # keeps the readers' order, which is the files' order (evaluation runs in it).
+  file_index: int = dataclasses.field(default=-1, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)

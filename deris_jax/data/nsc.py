@@ -49,29 +49,33 @@ class NscConfig:
 class ExpressionBank:
   """The expressions of the training split, grouped by image, as tensors for `convert`.
 
-  `texts[i]` is text row i and `image_of_row[i]` its image slot (0..num_images-1); rows of
-  one image must be contiguous (the split index is in image order).
+  `texts[i]` is text row i and `image_of_row[i]` its image slot; the slots must be 0..M-1
+  (every image has a text), in any row order: the bank groups the rows by image itself and
+  `convert` takes and returns text rows in the caller's numbering.
   """
 
   def __init__(self, texts, image_of_row):
     image_of_row = np.asarray(image_of_row, np.int64)
     if len(texts) != len(image_of_row) or not len(texts):
       raise ValueError("the NSC bank needs one image slot per text and at least one text")
-    starts = np.flatnonzero(np.diff(image_of_row, prepend=-1))
-    if not np.array_equal(image_of_row[starts], np.arange(len(starts))):
-      raise ValueError("bank rows must be grouped by image, with slots 0, 1, 2, ... in order")
+    by_image = np.argsort(image_of_row, kind="stable")  # bank position -> text row
+    sorted_slots = image_of_row[by_image]
+    starts = np.flatnonzero(np.diff(sorted_slots, prepend=-1))
+    if not np.array_equal(sorted_slots[starts], np.arange(len(starts))):
+      raise ValueError("bank image slots must be 0, 1, 2, ... with no slot left empty")
     self.texts = list(texts)
     self.num_images = len(starts)
     self.alphabet = sorted({c for t in texts for c in t})
     index = {c: k for k, c in enumerate(self.alphabet)}
-    counts = np.zeros((len(texts), len(self.alphabet)), np.int32)  # (N, V)
+    counts = np.zeros((len(texts), len(self.alphabet)), np.int32)  # (N, V) in text-row order
     for row, text in enumerate(texts):
       for char, count in collections.Counter(text).items():
         counts[row, index[char]] = count
     self._counts = tf.constant(counts)
     self._words = tf.constant([len(t.split()) for t in texts], tf.int32)  # (N,)
     self._image_of_row = tf.constant(image_of_row, tf.int32)
-    self._first_row = tf.constant(starts, tf.int32)  # (M,)
+    self._row_of_position = tf.constant(by_image, tf.int32)  # (N,) grouped by image
+    self._first_position = tf.constant(starts, tf.int32)  # (M,)
     self._num_rows = tf.constant(np.diff(np.append(starts, len(texts))), tf.int32)  # (M,)
 
   def convert(self, key: tf.Tensor, own_row: tf.Tensor, has_target: tf.Tensor,
@@ -94,7 +98,8 @@ class ExpressionBank:
     num_rows = tf.gather(self._num_rows, image)  # (T,)
     pick = tf.minimum(tf.cast(tf.floor(draws[1 + tries:] * tf.cast(num_rows, tf.float64)),
                               tf.int32), num_rows - 1)
-    rows = tf.gather(self._first_row, image) + pick  # (T,)
+    rows = tf.gather(self._row_of_position,
+                     tf.gather(self._first_position, image) + pick)  # (T,) text rows
     candidate = tf.gather(self._counts, rows)  # (T, V)
     own = tf.gather(self._counts, own_row)[None, :]  # (1, V)
     intersection = tf.cast(tf.reduce_sum(tf.minimum(candidate, own), -1), tf.float64)  # (T,)

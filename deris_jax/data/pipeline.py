@@ -12,12 +12,17 @@ Per batch (B = per-host batch, K = data.max_instances, L = data.max_tokens):
 Evaluation adds orig_hw (B, 2) int32 and gt_mask_orig (B, Hc, Wc) uint8, the union of the
 referred masks at the original resolution, top-left on the data.canvas_size canvas.
 
-Hosts: the split's images are cut into `process_count` contiguous ranges, one per host
-(disjoint and complete). Training repeats forever, shuffles images then examples with seeds
-from (seed, process_index), draws one of an entry's expressions and applies NSC with keys
-folded from (seed, process_index, position in the stream): identical output for the same
-seed. Evaluation visits every example once in index order, and every host pads its stream
-with weight-0 examples to the same number of batches.
+Order (`deris_jax.data.order`): one pipeline is one pass. Training is one epoch of the official
+sampler (a fresh permutation per epoch from (seed, epoch), batches full, every entry once
+besides the padding repeats); evaluation is the annotation file's order, the last batch padded
+with weight-0 rows. Each entry is read on its own (random access to its image's record, one
+decode per entry, as the official loader does), so any order costs the same.
+
+Hosts: every host reads the rows of each global batch that its devices hold (`local_rows`,
+default: an equal contiguous block per process), so the global batches, their order and every
+random draw are the same for any number of hosts. An entry's random draws (which expression,
+NSC) come from keys folded from (seed, epoch, its position in the epoch): a resumed or
+re-sharded run draws the same.
 """
 import dataclasses
 import functools
@@ -29,6 +34,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from deris_jax.data import nsc as nsc_lib
+from deris_jax.data import order as order_lib
 from deris_jax.data import pipeline_ops as ops
 from deris_jax.data import referring_builder
 from deris_jax.data import registry
@@ -37,16 +43,6 @@ from deris_jax.data import tokenizer as tok
 AUTOTUNE = tf.data.AUTOTUNE
 # The map functions branch on Python values only (tf.cond/tf.where otherwise): no AutoGraph.
 _plain = tf.autograph.experimental.do_not_convert
-
-
-def _process(process_index, process_count) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  return process_index, process_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +54,11 @@ class ExampleInfo:
   expressions: tuple[str, ...]  # one for evaluation splits
   source: str
   num_targets: int
+  file_index: int  # position of the record in its annotation file
 
 
 class SplitIndex:
-  """Host-side index of a prepared split (from the builder's metadata)."""
+  """Host-side index of a prepared split (from the builder's metadata), rows in file order."""
 
   def __init__(self, metadata: dict[str, Any], split: str):
     if split not in metadata["splits"]:
@@ -70,26 +67,30 @@ class SplitIndex:
     self.split_code = metadata["split_names"].index(split)
     index = metadata["splits"][split]
     rows, images = index["rows"], index["images"]
+    self.image_index = np.asarray(rows["image_index"], np.int64)  # (rows,) record position
     self.image_of_row = np.asarray(rows["image_id"], np.int64)
     self.expressions = [tuple(e) for e in rows["expressions"]]
     self.sources = list(rows["source"])
     self.num_targets = np.asarray(rows["num_targets"], np.int64)
+    self.file_index = np.asarray(rows["file_index"], np.int64)
     self.image_ids = np.asarray(images["image_id"], np.int64)
     self.heights = np.asarray(images["height"], np.int64)
     self.widths = np.asarray(images["width"], np.int64)
-    self.image_num_rows = np.asarray(images["num_rows"], np.int64)
     self.max_targets = int(index["max_targets"])
     # Text rows: every (row, expression) pair, in row order.
     counts = np.asarray([len(e) for e in self.expressions], np.int64)
     self.text_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     self.text_count = counts.astype(np.int32)
     self.texts = [t for e in self.expressions for t in e]
-    image_slot = np.repeat(np.arange(len(self.image_ids)), self.image_num_rows)
-    self.image_of_text = np.repeat(image_slot, counts)
+    self.image_of_text = np.repeat(self.image_index, counts)  # image position of each text
 
   @property
   def num_rows(self) -> int:
     return len(self.expressions)
+
+  def aspect_flags(self) -> np.ndarray:
+    """(rows,) the official sampler's group of every row (1 = landscape)."""
+    return order_lib.aspect_flags(self.heights[self.image_index], self.widths[self.image_index])
 
   def example_id(self, row: int) -> int:
     return self.split_code * referring_builder.SPLIT_STRIDE + row
@@ -101,16 +102,16 @@ class SplitIndex:
       raise KeyError(f"example_id {example_id} is not in split '{self.split}'")
     return ExampleInfo(example_id=int(example_id), split=self.split, row=row,
                        image_id=int(self.image_of_row[row]), expressions=self.expressions[row],
-                       source=self.sources[row], num_targets=int(self.num_targets[row]))
+                       source=self.sources[row], num_targets=int(self.num_targets[row]),
+                       file_index=int(self.file_index[row]))
 
-  def host_images(self, process_index: int, process_count: int) -> tuple[int, int]:
-    """[first, last) image positions read by this host: contiguous, disjoint, complete."""
-    total = len(self.image_ids)
-    return (process_index * total) // process_count, ((process_index + 1) * total) // process_count
 
-  def host_rows(self, process_index: int, process_count: int) -> int:
-    first, last = self.host_images(process_index, process_count)
-    return int(self.image_num_rows[first:last].sum())
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return process_index, process_count
 
 
 def open_split(data_config: ml_collections.ConfigDict, split: str):
@@ -157,32 +158,34 @@ class _Tables:
     self.padding = tf.constant(encoded["padding_mask"])  # (N_text, L)
     self.text_start = tf.constant(index.text_start)  # (N_rows,)
     self.text_count = tf.constant(index.text_count)  # (N_rows,)
+    self.image_index = tf.constant(index.image_index)  # (N_rows,) record of each row's image
 
 
-def _decode_image(example, data_config):
-  """Per image: decode once, resize to both input sizes (uint8)."""
-  image = ops.decode_image(example["image"])  # (h, w, 3)
-  return {
-      "image": ops.resize_bilinear_uint8(image, data_config.image_size),
-      "image_mini": ops.resize_bilinear_uint8(image, data_config.cognition_image_size),
-      "height": example["height"],
-      "width": example["width"],
-      "objects": example["objects"],
-      "entries": example["entries"],
-  }
+# Records are fetched in chunks: one Python call (it holds the GIL) per chunk of rows instead
+# of one per row keeps the parallel decoding threads from queueing on the interpreter.
+READ_CHUNK = 32
 
 
-def _entries_of_image(image_example):
-  """One element per entry of the image, carrying the resized images and target masks (RLE)."""
-  entries = image_example["entries"]
-  shared = {k: image_example[k] for k in ("image", "image_mini", "height", "width")}
+class _Records:
+  """Random access to a split's image records (ArrayRecord) from inside tf.data."""
 
-  def entry(e):
-    targets = entries["targets"][e]  # (k,) indices into objects
-    return {"row": entries["row"][e], **shared,
-            "target_rle": tf.gather(image_example["objects"]["rle"], targets)}  # (k, None)
+  def __init__(self, builder, split: str):
+    self._source = builder.as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    self._features = builder.info.features
 
-  return tf.data.Dataset.range(tf.shape(entries["row"], out_type=tf.int64)[0]).map(_plain(entry))
+  def _read_many(self, image_indices: np.ndarray) -> np.ndarray:
+    return np.asarray(self._source.__getitems__([int(i) for i in image_indices]), object)
+
+  def read_many(self, image_indices: tf.Tensor) -> tf.Tensor:
+    """(n,) image positions -> (n,) serialized records."""
+    serialized = tf.numpy_function(self._read_many, [image_indices], tf.string, stateful=False)
+    return tf.ensure_shape(serialized, image_indices.shape)
+
+  def parse(self, serialized: tf.Tensor) -> dict:
+    """One serialized record -> its features (image bytes left undecoded)."""
+    return self._features.deserialize_example(
+        serialized, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def _key(seed_base, position, stream):
@@ -190,10 +193,24 @@ def _key(seed_base, position, stream):
       tf.random.experimental.stateless_fold_in(seed_base, position), stream)
 
 
-def _make_example(position, entry, *, data_config, tables, index, bank, nsc_config, train,
-                  seed_base):
-  """(position in the stream, entry element) -> one example of the batch contract."""
-  row = tf.cast(entry["row"], tf.int32)
+def _read_chunk(rows, positions, *, tables, records):
+  """A chunk of (rows, positions) -> the same plus each row's serialized image record."""
+  image_index = tf.gather(tables.image_index, tf.maximum(rows, 0))
+  return rows, positions, records.read_many(image_index)
+
+
+def _make_example(row, position, serialized, *, data_config, tables, index, records, bank,
+                  nsc_config, train, seed_base):
+  """(row of the split or -1, position in the epoch, its image record) -> one example."""
+  is_real = row >= 0
+  row = tf.cast(tf.maximum(row, 0), tf.int32)
+  record = records.parse(serialized)
+  image = ops.decode_image(record["image"])  # (h, w, 3)
+  # The entry of `row` among the image's entries -> its target objects' run lengths.
+  entries = record["entries"]
+  entry = tf.argmax(tf.cast(tf.equal(entries["row"], tf.cast(row, tf.int64)), tf.int32),
+                    output_type=tf.int32)
+  target_rle = tf.gather(record["objects"]["rle"], entries["targets"][entry])  # (k, None)
   count = tf.gather(tables.text_count, row)
   if train:
     draw = tf.random.stateless_uniform([], seed=_key(seed_base, position, 0), dtype=tf.float64)
@@ -201,23 +218,23 @@ def _make_example(position, entry, *, data_config, tables, index, bank, nsc_conf
   else:
     choice = tf.constant(0, tf.int32)
   text_row = tf.gather(tables.text_start, row) + choice
-  num_targets = tf.cast(entry["target_rle"].nrows(), tf.int32)
+  num_targets = tf.cast(target_rle.nrows(), tf.int32)
   if bank is not None:
     replacement = bank.convert(_key(seed_base, position, 1), text_row, num_targets > 0,
                                nsc_config)
     converted = replacement >= 0
     text_row = tf.where(converted, replacement, text_row)
     num_targets = tf.where(converted, 0, num_targets)
-  height, width = entry["height"], entry["width"]
-  masks = ops.decode_rle_masks(entry["target_rle"], height, width)  # (k, h, w)
+  height, width = record["height"], record["width"]
+  masks = ops.decode_rle_masks(target_rle, height, width)  # (k, h, w)
   size = tuple(data_config.image_size)
   resized = ops.resize_masks_nearest(masks, size)  # (k, H, W)
   valid = tf.range(data_config.max_instances) < num_targets  # (K,)
   gt_masks = ops.pad_first_axis(resized, data_config.max_instances)  # (K, H, W)
   gt_masks = gt_masks * tf.cast(valid, tf.uint8)[:, None, None]
   example = {
-      "image": entry["image"],
-      "image_mini": entry["image_mini"],
+      "image": ops.resize_bilinear_uint8(image, data_config.image_size),
+      "image_mini": ops.resize_bilinear_uint8(image, data_config.cognition_image_size),
       "text_ids": tf.gather(tables.ids, text_row),
       "text_padding_mask": tf.gather(tables.padding, text_row),
       "gt_masks": tf.ensure_shape(gt_masks, (data_config.max_instances,) + size),
@@ -232,6 +249,9 @@ def _make_example(position, entry, *, data_config, tables, index, bank, nsc_conf
     example["orig_hw"] = tf.stack([height, width])
     example["gt_mask_orig"] = tf.ensure_shape(
         ops.place_on_canvas(union, data_config.canvas_size), tuple(data_config.canvas_size))
+  # A padding row (-1): zeros, weight 0, example_id -1.
+  example = {k: tf.where(is_real, v, tf.zeros_like(v)) for k, v in example.items()}
+  example["example_id"] = tf.where(is_real, example["example_id"], tf.constant(-1, tf.int64))
   return example
 
 
@@ -242,91 +262,89 @@ def _normalize_batch(batch, data_config):
   return batch
 
 
-def _padding_examples(element_spec, count: int) -> tf.data.Dataset:
-  """`count` weight-0 examples of the same structure (ids -1, everything else zero)."""
-  zeros = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in element_spec.items()}
-  zeros["example_id"] = tf.constant(-1, tf.int64)
-  return tf.data.Dataset.from_tensors(zeros).repeat(count)
-
-
 @dataclasses.dataclass
 class Pipeline:
   """What `make_pipeline` returns: the dataset and the facts a train/eval loop needs."""
   dataset: tf.data.Dataset
   index: SplitIndex
   per_host_batch: int
-  num_batches: int | None  # evaluation: batches per host (same on every host); train: None
-  num_examples: int  # examples of this host (without padding)
+  num_batches: int  # batches of this pass (the same on every host)
+  num_examples: int  # real (weight 1) examples this host reads
   num_truncated: int  # expressions of the split longer than max_tokens - 2 pieces
+  rows: np.ndarray  # (num_batches, per_host_batch) the rows this host reads, -1 = padding
+
+
+def split_order(index: SplitIndex, data_config: ml_collections.ConfigDict, *, train: bool,
+                batch_size: int, seed: int = 0, epoch: int = 0) -> np.ndarray:
+  """The global batches of one pass over `index`: (num_batches, batch_size) rows."""
+  if train:
+    return order_lib.train_order(index.aspect_flags(), global_batch=batch_size, seed=seed,
+                                 epoch=epoch,
+                                 world_size=int(data_config.get("official_world_size", 1)))
+  return order_lib.eval_order(index.num_rows, batch_size)
 
 
 def make_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: bool,
-                  batch_size: int, seed: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> Pipeline:
-  """Builds the pipeline of `split`. `batch_size` is GLOBAL: each host gets batch_size / hosts."""
-  process_index, process_count = _process(process_index, process_count)
-  if batch_size % process_count:
-    raise ValueError(f"global batch_size {batch_size} is not divisible by the "
-                     f"{process_count} processes")
-  per_host = batch_size // process_count
+                  batch_size: int, seed: int = 0, epoch: int = 0, start_batch: int = 0,
+                  process_index: int | None = None, process_count: int | None = None,
+                  local_rows: np.ndarray | None = None) -> Pipeline:
+  """One pass over `split` (one training epoch, or the whole evaluation split).
+
+  Args:
+    data_config: the `data` config section.
+    split: a split of the prepared dataset.
+    train: training (sampler order, random expression choice, NSC) or evaluation (file order).
+    batch_size: the GLOBAL batch.
+    seed, epoch: the training order and every random draw are functions of these.
+    start_batch: skip the pass's first batches (an exact resume; costs nothing).
+    process_index, process_count: this host (default: jax's); they pick `local_rows`.
+    local_rows: the rows of each global batch this host reads (e.g. the rows of its devices,
+      `sharding.process_rows`); default an equal contiguous block per process.
+  """
+  if local_rows is None:
+    process_index, process_count = _process(process_index, process_count)
+    local_rows = order_lib.host_rows(batch_size, process_index, process_count)
+  local_rows = np.asarray(local_rows, np.int64)
+  if local_rows.size == 0 or local_rows.min() < 0 or local_rows.max() >= batch_size:
+    raise ValueError(f"local_rows {local_rows.tolist()} must be rows of the global batch "
+                     f"{batch_size}")
   builder, index = open_split(data_config, split)
   _check_config(data_config, index, train)
   tokenizer = load_tokenizer(data_config, builder.info.metadata)
   tables = _Tables(index, tokenizer, data_config.max_tokens)
-  nsc_cfg = data_config.nsc
+  global_rows = split_order(index, data_config, train=train, batch_size=batch_size, seed=seed,
+                            epoch=epoch)  # (S, G)
+  if not 0 <= start_batch <= len(global_rows):
+    raise ValueError(f"start_batch {start_batch} not in [0, {len(global_rows)}]")
+  positions = np.arange(global_rows.size, dtype=np.int64).reshape(global_rows.shape)
+  rows = global_rows[start_batch:, local_rows]  # (S', B)
+  positions = positions[start_batch:, local_rows]  # (S', B) position in the epoch
   bank, nsc_config = None, None
+  nsc_cfg = data_config.nsc
   if train and nsc_cfg.enabled:
     bank = nsc_lib.ExpressionBank(index.texts, index.image_of_text)
     nsc_config = nsc_lib.NscConfig(rate=nsc_cfg.rate, threshold=nsc_cfg.threshold,
                                    max_tries=nsc_cfg.max_tries, min_words=nsc_cfg.min_words)
-  first, last = index.host_images(process_index, process_count)
-  host_split = f"{split}[{first}:{last}]" if last > first else f"{split}[:1]"
-  read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=1)
-  images = builder.as_dataset(split=host_split, shuffle_files=False, read_config=read_config,
-                              decoders={"image": tfds.decode.SkipDecoding()})
-  if last == first:
-    images = images.take(0)
-  options = tf.data.Options()
-  options.deterministic = True
-  images = images.with_options(options)
   parallel = data_config.get("num_parallel_calls", -1)
   parallel = AUTOTUNE if parallel in (None, -1) else parallel
-  seed_base = tf.constant([seed, process_index], tf.int64)
-  if train:
-    images = images.shuffle(data_config.shuffle_buffer_images, seed=seed * 1000 + process_index,
-                            reshuffle_each_iteration=True).repeat()
-  examples = images.map(_plain(functools.partial(_decode_image, data_config=data_config)),
-                        num_parallel_calls=parallel)
-  examples = examples.flat_map(_plain(_entries_of_image))
-  if train:
-    examples = examples.shuffle(data_config.shuffle_buffer_examples,
-                                seed=seed * 1000 + process_index + 500,
-                                reshuffle_each_iteration=True)
-  make = _plain(functools.partial(_make_example, data_config=data_config, tables=tables, index=index,
-                                  bank=bank, nsc_config=nsc_config, train=train,
-                                  seed_base=seed_base))
-  examples = examples.enumerate().map(make, num_parallel_calls=parallel)
-  num_examples = index.host_rows(process_index, process_count)
-  num_batches = None
-  if not train:
-    most = max(index.host_rows(p, process_count) for p in range(process_count))
-    num_batches = -(-most // per_host)
-    examples = examples.concatenate(
-        _padding_examples(examples.element_spec, num_batches * per_host - num_examples))
-  batches = examples.batch(per_host, drop_remainder=True)
+  records = _Records(builder, split)
+  read = _plain(functools.partial(_read_chunk, tables=tables, records=records))
+  make = _plain(functools.partial(
+      _make_example, data_config=data_config, tables=tables, index=index, records=records,
+      bank=bank, nsc_config=nsc_config, train=train,
+      seed_base=tf.constant([seed, epoch], tf.int64)))
+  examples = tf.data.Dataset.from_tensor_slices((rows.reshape(-1), positions.reshape(-1)))
+  options = tf.data.Options()
+  options.deterministic = True
+  examples = examples.with_options(options).batch(READ_CHUNK).map(read).unbatch()
+  examples = examples.map(make, num_parallel_calls=parallel)
+  batches = examples.batch(len(local_rows), drop_remainder=True)
   batches = batches.map(_plain(functools.partial(_normalize_batch, data_config=data_config)),
                         num_parallel_calls=parallel)
   batches = batches.prefetch(data_config.get("prefetch", 2))
-  return Pipeline(dataset=batches, index=index, per_host_batch=per_host, num_batches=num_batches,
-                  num_examples=num_examples, num_truncated=tables.num_truncated)
-
-
-def make_dataset(data_config: ml_collections.ConfigDict, split: str, *, train: bool,
-                 batch_size: int, seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None) -> tf.data.Dataset:
-  """The batched tf.data.Dataset of `make_pipeline` (batch_size is global)."""
-  return make_pipeline(data_config, split, train=train, batch_size=batch_size, seed=seed,
-                       process_index=process_index, process_count=process_count).dataset
+  return Pipeline(dataset=batches, index=index, per_host_batch=len(local_rows),
+                  num_batches=len(rows), num_examples=int((rows >= 0).sum()),
+                  num_truncated=tables.num_truncated, rows=rows)
 
 
 def as_numpy(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:

@@ -1,4 +1,9 @@
-"""`python -m deris_jax.data.prepare`: prepare a dataset and print the example count per split.
+"""`python -m deris_jax.data.prepare`: prepare a dataset and print what each split holds.
+
+Per split: entries (examples), images and the largest number of referred instances of one
+expression (compare it with the config's data.max_instances and model.num_queries). Then
+any warning: JPEGs with an EXIF orientation, training images that also appear in an
+evaluation split.
 
   python -m deris_jax.data.prepare --dataset synthetic --data_dir ~/tensorflow_datasets
   python -m deris_jax.data.prepare --dataset refcoco_mixed --format deris \\
@@ -15,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from deris_jax.data import entries as E  # pylint: disable=g-import-not-at-top
+from deris_jax.data import referring_builder  # pylint: disable=g-import-not-at-top
 from deris_jax.data import registry  # pylint: disable=g-import-not-at-top
 
 # --dataset value -> (builder name, builder configs allowed, default config)
@@ -47,6 +53,21 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None = None
           for split in builder.info.metadata["split_names"]}
 
 
+def summary_lines(dataset: str, *, data_dir: str | None, config: str | None = None
+                  ) -> list[str]:
+  """What `main` prints about a prepared dataset: one line per split, then the warnings."""
+  name, _, default = DATASETS[dataset]
+  metadata = registry.open_builder(name, config or default, data_dir).info.metadata
+  lines = []
+  for split in metadata["split_names"]:
+    index = metadata["splits"][split]
+    lines.append(f"{split}: {len(index['rows']['image_id'])} examples, "
+                 f"{len(index['images']['image_id'])} images, up to {index['max_targets']} "
+                 "referred instances per expression")
+  return lines + referring_builder.preparation_notes(
+      metadata["splits"], metadata.get("train_images_in_eval_splits", {}))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,13 +84,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   tfds.disable_progress_bar()
   try:
-    counts = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                     config=args.config, skip_invalid=args.skip_invalid)
+    prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+            config=args.config, skip_invalid=args.skip_invalid)
   except (E.DataError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  for split, count in counts.items():
-    print(f"{split}: {count} examples")
+  for line in summary_lines(args.dataset, data_dir=args.data_dir, config=args.config):
+    print(line)
   return 0
 
 

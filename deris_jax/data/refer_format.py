@@ -16,6 +16,7 @@ training split is the union of the three train splits with one entry per ref (al
 sentences), evaluation splits have one entry per sentence, gRefCOCO one entry per sentence.
 Expressions are the `raw` sentences (as the DeRIS gRefCOCO file and NSC use).
 """
+import dataclasses
 import os
 import pickle
 from typing import Any
@@ -109,8 +110,8 @@ def _add(split_data: E.SplitData, info: E.ImageInfo, entry: E.Entry, train: bool
   if train:
     split_data.entries.append(entry)
   else:
-    split_data.entries.extend(E.Entry(entry.image_id, (text,), entry.target_ids, entry.source,
-                                      entry.where) for text in entry.expressions)
+    split_data.entries.extend(dataclasses.replace(entry, expressions=(text,))
+                              for text in entry.expressions)
 
 
 def read_refcoco_mixed(manual_dir: str, report: E.SkipReport) -> dict[str, E.SplitData]:
@@ -146,8 +147,9 @@ def read_refcoco_mixed(manual_dir: str, report: E.SkipReport) -> dict[str, E.Spl
       if segmentation is None:
         continue
       entry_source = deris_format.MIXED_SPLITS[split]
-      _add(out[split], coco.image(image_id, where), E.Entry(image_id, texts, (ann_id,),
-           entry_source, where), train=split == "train", segmentations={ann_id: segmentation})
+      _add(out[split], coco.image(image_id, where),
+           E.Entry(image_id, texts, (ann_id,), entry_source, where, file_index=index),
+           train=split == "train", segmentations={ann_id: segmentation})
   return out
 
 
@@ -190,6 +192,7 @@ def read_grefcoco(manual_dir: str, report: E.SkipReport) -> dict[str, E.SplitDat
     if any(s is None for s in segmentations.values()):
       continue
     _add(out[split], coco.image(image_id, where),
-         E.Entry(image_id, texts, tuple(sorted(targets)), "grefcoco", where), train=False,
+         E.Entry(image_id, texts, tuple(sorted(targets)), "grefcoco", where,
+                 file_index=index), train=False,
          segmentations=segmentations)
   return out

@@ -8,23 +8,32 @@ gRefCOCO at the size of its images instead of ~14 copies of each):
                lengths, zeros first, at the original resolution)
   entries      the referring entries on this image: `row` (position in the split's index),
                `expressions`, `targets` (indices into `objects`), `source`
-Examples are written in image-id order (`disable_shuffling`), so `split[a:b]` reads a
-contiguous, known set of images; the pipeline relies on that for exact host sharding.
+Examples are written in image-id order (`disable_shuffling`) in the ArrayRecord format, so the
+pipeline reads any image by its position (random access): it visits entries in any order
+(a fresh permutation every epoch, the annotation file's order for evaluation), one entry at a
+time, as the official loader does.
 
-`info.metadata` holds the split index the pipeline needs on the host (per row: image id,
-expressions, source, number of targets; per image: size and rows), which also maps an
+Rows (the split's entries) keep the order of the annotation file (the readers' order; an
+evaluation record with several sentences becomes consecutive rows). `info.metadata` holds the
+split index the pipeline needs on the host (per row: image position, image id, expressions,
+source, number of targets, index in the file; per image: id and size), which also maps an
 `example_id` back to its image and expression. The NSC bank is built from it.
 
 Preparation checks every image (readable by the pipeline's decoder, size as annotated) and
-every mask (decodes); see `entries.SkipReport` for what `skip_invalid` does.
+every mask (decodes); see `entries.SkipReport` for what `skip_invalid` does. It also counts
+JPEGs that carry an EXIF orientation (decoded as stored, without rotation: the COCO masks and
+sizes are in stored pixel order) and warns when an image of the training split is also in an
+evaluation split of the same dataset.
 """
 import abc
 import concurrent.futures
 import dataclasses
+import io
 import os
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -33,6 +42,9 @@ from deris_jax.data import masks as M
 
 # example_id = SPLIT_STRIDE * (position of the split in `metadata['split_names']`) + row.
 SPLIT_STRIDE = 10**9
+FILE_FORMAT = "array_record"  # random access by image position (the pipeline needs it)
+EXIF_ORIENTATION = 0x0112
+TRAIN_SPLIT = "train"
 
 FEATURES = tfds.features.FeaturesDict({
     "image": tfds.features.Image(encoding_format=None),
@@ -69,35 +81,52 @@ def check_image_bytes(data: bytes) -> tuple[int, int]:
   return int(shape[0]), int(shape[1])
 
 
-def _read_and_check(info: E.ImageInfo) -> tuple[int, str | None, tuple[int, int] | None]:
+def exif_orientation(data: bytes) -> int:
+  """The EXIF orientation tag of a JPEG (1 = as stored; 0 when there is none)."""
+  if not data.startswith(b"\xff\xd8"):
+    return 0
+  try:
+    with PIL.Image.open(io.BytesIO(data)) as image:
+      return int(image.getexif().get(EXIF_ORIENTATION, 0))
+  except (OSError, ValueError, SyntaxError):
+    return 0
+
+
+def _read_and_check(info: E.ImageInfo
+                    ) -> tuple[int, str | None, tuple[int, int] | None, int]:
+  """(image id, error or None, decoded (height, width), EXIF orientation)."""
   try:
     if info.data is not None:
       data = info.data
     else:
       if not os.path.isfile(info.path):
-        return info.image_id, f"missing image file {info.path}", None
+        return info.image_id, f"missing image file {info.path}", None, 0
       with open(info.path, "rb") as f:
         data = f.read()
-    return info.image_id, None, check_image_bytes(data)
+    return info.image_id, None, check_image_bytes(data), exif_orientation(data)
   except (OSError, ValueError) as e:
-    return info.image_id, f"unreadable image {info.path}: {e}", None
+    return info.image_id, f"unreadable image {info.path}: {e}", None, 0
 
 
 @dataclasses.dataclass
 class PreparedSplit:
-  """A validated split: rows (entries) in canonical order, images, decoded instance masks."""
+  """A validated split: rows (entries) in file order, images, decoded instance masks."""
   entries: list[E.Entry]
   images: list[E.ImageInfo]  # sorted by image id; image_index = position
   runs: dict[int, np.ndarray]  # annotation id -> run lengths
+  exif_rotated: list[int] = dataclasses.field(default_factory=list)  # image ids
 
 
 def prepare_split(name: str, data: E.SplitData, report: E.SkipReport,
                   num_threads: int | None = None) -> PreparedSplit:
   """Checks images and masks of one split, drops what `report` allows, orders the rows."""
   needed = sorted({e.image_id for e in data.entries})
-  bad_images = set()
+  bad_images, exif_rotated = set(), []
   with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
-    for image_id, error, shape in pool.map(_read_and_check, (data.images[i] for i in needed)):
+    for image_id, error, shape, orientation in pool.map(_read_and_check,
+                                                         (data.images[i] for i in needed)):
+      if orientation > 1:
+        exif_rotated.append(image_id)
       info = data.images[image_id]
       if error is not None:
         reason = "missing image" if error.startswith("missing") else "unreadable image"
@@ -126,35 +155,59 @@ def prepare_split(name: str, data: E.SplitData, report: E.SkipReport,
         bad_masks.add(ann_id)
         continue
       runs[ann_id] = M.mask_to_runs(mask)
-  kept = [e for e in data.entries
+  kept = [e for e in data.entries  # the readers' (= the annotation file's) order
           if e.image_id not in bad_images and not bad_masks.intersection(e.target_ids)]
-  kept.sort(key=E.Entry.sort_key)
   image_ids = sorted({e.image_id for e in kept})
-  return PreparedSplit(entries=kept, images=[data.images[i] for i in image_ids], runs=runs)
+  return PreparedSplit(entries=kept, images=[data.images[i] for i in image_ids], runs=runs,
+                       exif_rotated=sorted(i for i in exif_rotated if i in set(image_ids)))
 
 
 def split_index(prepared: PreparedSplit) -> dict[str, Any]:
-  """The host-side index of a split (stored in `info.metadata`), rows in canonical order."""
-  image_rows = {}
-  for row, entry in enumerate(prepared.entries):
-    first, count = image_rows.get(entry.image_id, (row, 0))
-    image_rows[entry.image_id] = (first, count + 1)
+  """The host-side index of a split (stored in `info.metadata`), rows in file order."""
+  position = {info.image_id: k for k, info in enumerate(prepared.images)}
   return {
       "rows": {
+          "image_index": [position[e.image_id] for e in prepared.entries],
           "image_id": [e.image_id for e in prepared.entries],
           "expressions": [list(e.expressions) for e in prepared.entries],
           "source": [e.source for e in prepared.entries],
           "num_targets": [len(e.target_ids) for e in prepared.entries],
+          "file_index": [e.file_index for e in prepared.entries],
       },
       "images": {
           "image_id": [i.image_id for i in prepared.images],
           "height": [i.height for i in prepared.images],
           "width": [i.width for i in prepared.images],
-          "first_row": [image_rows[i.image_id][0] for i in prepared.images],
-          "num_rows": [image_rows[i.image_id][1] for i in prepared.images],
       },
       "max_targets": max((len(e.target_ids) for e in prepared.entries), default=0),
+      "exif_rotated": prepared.exif_rotated,
   }
+
+
+def shared_images(prepared: dict[str, PreparedSplit]) -> dict[str, list[int]]:
+  """{evaluation split: ids of its images that the training split also uses}."""
+  if TRAIN_SPLIT not in prepared:
+    return {}
+  train = {info.image_id for info in prepared[TRAIN_SPLIT].images}
+  return {name: sorted(train.intersection(info.image_id for info in split.images))
+          for name, split in prepared.items() if name != TRAIN_SPLIT}
+
+
+def preparation_notes(index: dict[str, Any], overlap: dict[str, list[int]]) -> list[str]:
+  """Warnings worth printing after preparation (EXIF orientations, train/eval overlap)."""
+  notes = []
+  for name, split in index.items():
+    rotated = split.get("exif_rotated", [])
+    if rotated:
+      notes.append(f"warning: split '{name}': {len(rotated)} JPEG(s) carry an EXIF orientation "
+                   f"(e.g. image ids {rotated[:3]}); they are decoded as stored, without "
+                   "rotation, which is the pixel order of their annotations")
+  for name, shared in overlap.items():
+    if shared:
+      notes.append(f"warning: {len(shared)} image(s) of the training split also appear in "
+                   f"evaluation split '{name}' (e.g. image ids {shared[:3]}): training sees "
+                   "those images (with other expressions)")
+  return notes
 
 
 def generate_examples(prepared: PreparedSplit):
@@ -182,8 +235,11 @@ def generate_examples(prepared: PreparedSplit):
 class ReferringBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   """Base of the DeRIS TFDS builders: subclasses only read their files into `SplitData`s."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": "ArrayRecord files (random access); rows in annotation-file order.",
+  }
   DESCRIPTION = ""
   # Nothing is downloaded, so there are no URL checksums. (TFDS would otherwise look for a
   # checksums file next to this module through `importlib_resources`, which tensorflow-datasets
@@ -193,6 +249,7 @@ class ReferringBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   def __init__(self, *, skip_invalid: bool = False, **kwargs):
     self.skip_invalid = skip_invalid
     self.skip_report = None
+    kwargs.setdefault("file_format", FILE_FORMAT)
     super().__init__(**kwargs)
 
   @abc.abstractmethod
@@ -221,6 +278,7 @@ class ReferringBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     self.info.metadata["split_names"] = list(prepared)
     self.info.metadata["splits"] = {name: split_index(p) for name, p in prepared.items()}
     self.info.metadata["skipped"] = dict(self.skip_report.counts)
+    self.info.metadata["train_images_in_eval_splits"] = shared_images(prepared)
     self.info.metadata.update(self.extra_metadata(prepared))
     return {name: self._generate_examples(p) for name, p in prepared.items()}
 

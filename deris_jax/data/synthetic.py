@@ -163,8 +163,9 @@ def generate_split(config: SyntheticConfig, split: str, num_images: int) -> E.Sp
       data.segmentations[1000 * image_id + k + 1] = {
           "size": [config.image_size, config.image_size], "counts": runs.tolist()}
     for text, members in _choose_expressions(rng, shapes, config):
-      data.entries.append(E.Entry(image_id, (text,), tuple(1000 * image_id + m + 1
-                                                           for m in members), "synthetic", where))
+      targets = tuple(1000 * image_id + m + 1 for m in members)
+      data.entries.append(E.Entry(image_id, (text,), targets, "synthetic", where,
+                                  file_index=len(data.entries)))
   return data
 
 

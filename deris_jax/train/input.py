@@ -1,50 +1,64 @@
-"""The training input stream with a resumable position: epoch-seeded pipelines.
+"""The training input stream with a resumable position: one sampler pass per epoch.
 
-Epoch e reads `make_pipeline(config.data, train_split, train=True, seed=epoch_seed(seed, e))`
-and takes its first `steps_per_epoch` batches, with steps_per_epoch = ceil(examples / global
-batch) (the official sampler also rounds up). The batches of a step are therefore a function
-of (seed, epoch, batch index in the epoch) only, and resuming at step s rebuilds epoch
-s // steps_per_epoch and skips s % steps_per_epoch batches: the same stream as a run that
-never stopped. Skipping costs the input pipeline's time for the skipped batches (within one
-epoch at most); `skip_seconds` reports it.
+Epoch e is one pass of `pipeline.make_pipeline(config.data, train_split, train=True,
+seed=config.train.seed, epoch=e)`: the official sampler's order for (seed, e)
+(`deris_jax.data.order`), every batch full. The batches of a step are therefore a function of
+(seed, epoch, batch index in the epoch) only, and resuming at step s opens epoch
+s // steps_per_epoch at batch s % steps_per_epoch directly (random access; nothing is read
+and thrown away): the same stream as a run that never stopped, on any number of hosts.
 
 The pipeline module imports TensorFlow; it is imported here lazily (the GPU/TPU images need
 no TF unless they train from tf.data).
 """
 import dataclasses
 import time
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import ml_collections as mlc
 import numpy as np
 
+from deris_jax.data import order as order_lib
 from deris_jax.train import step as step_lib
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  """The pipeline seed of an epoch (distinct per epoch, fixed by the run's seed)."""
-  return seed * 1000 + epoch
-
-
 def steps_per_epoch(data_config: mlc.ConfigDict, global_batch: int) -> Tuple[int, int]:
-  """(steps per epoch, examples in the training split)."""
+  """(steps per epoch, entries in the training split)."""
   from deris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   _, index = pipeline.open_split(data_config, data_config.train_split)
-  examples = index.num_rows
-  if examples == 0:
+  if index.num_rows == 0:
     raise ValueError(f"training split '{data_config.train_split}' of {data_config.name} is "
                      "empty")
-  return -(-examples // global_batch), examples
+  steps = order_lib.steps_per_epoch(
+      index.aspect_flags(), global_batch=global_batch,
+      world_size=int(data_config.get("official_world_size", 1)))
+  return steps, index.num_rows
 
 
-def check_vocabulary(data_config: mlc.ConfigDict, model_config: mlc.ConfigDict) -> None:
-  """The tokenizer's ids must fit the BEiT-3 embedding (out-of-range ids would be clamped)."""
+def check_data(data_config: mlc.ConfigDict, model_config: mlc.ConfigDict,
+               log: Callable[[str], None] = print) -> None:
+  """The prepared training split against the model: vocabulary and target counts.
+
+  The tokenizer's ids must fit the BEiT-3 embedding (out-of-range ids would be clamped).
+  An expression with more referred instances than the model has queries trains as the
+  official criterion does (at most num_queries of them are matched, all count in the mask
+  normaliser); that is worth a line in the log, not an error.
+  """
   from deris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  builder, _ = pipeline.open_split(data_config, data_config.train_split)
+  builder, index = pipeline.open_split(data_config, data_config.train_split)
   vocab = pipeline.load_tokenizer(data_config, builder.info.metadata).vocab_size
   if vocab > model_config.beit3.vocab_size:
     raise ValueError(f"the tokenizer of {data_config.name} has {vocab} ids but "
                      f"model.beit3.vocab_size is {model_config.beit3.vocab_size}")
+  if index.max_targets > data_config.max_instances:
+    raise ValueError(
+        f"training split '{index.split}' has expressions with {index.max_targets} referred "
+        f"instances but data.max_instances is {data_config.max_instances}: raise "
+        "data.max_instances")
+  if index.max_targets > model_config.num_queries:
+    over = int((index.num_targets > model_config.num_queries).sum())
+    log(f"note: {over} training expression(s) refer to more than model.num_queries="
+        f"{model_config.num_queries} instances (up to {index.max_targets}); as in the official "
+        "criterion, at most num_queries of them are matched")
 
 
 @dataclasses.dataclass
@@ -63,41 +77,38 @@ class TrainInput:
   """Iterates the local (this process's) training batches from a given step on."""
 
   def __init__(self, data_config: mlc.ConfigDict, *, global_batch: int, seed: int,
-               steps_per_epoch_: int, process_index: int, process_count: int):
+               steps_per_epoch_: int, local_rows: np.ndarray):
+    """`local_rows`: the rows of each global batch this process feeds (its devices' rows,
+    `sharding.process_rows(global_batch, mesh)`)."""
     self.data_config = data_config
     self.global_batch = global_batch
     self.seed = seed
     self.steps_per_epoch = steps_per_epoch_
-    self.process_index = process_index
-    self.process_count = process_count
-    self.skip_seconds = 0.0  # time spent skipping batches when resuming
+    self.local_rows = np.asarray(local_rows, np.int64)
+    self.open_seconds = 0.0  # time spent opening epochs (tokenizing, sampler order)
 
-  def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Dict[str, np.ndarray]]:
+  def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+    """The local batches of one epoch from `start_batch` on (only the keys the step reads)."""
     from deris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    t0 = time.perf_counter()
     data = pipeline.make_pipeline(
         self.data_config, self.data_config.train_split, train=True,
-        batch_size=self.global_batch, seed=epoch_seed(self.seed, epoch),
-        process_index=self.process_index, process_count=self.process_count)
-    dataset = data.dataset.take(self.steps_per_epoch)
-    if skip:
-      t0 = time.perf_counter()
-      dataset = dataset.skip(skip)
-      iterator = pipeline.as_numpy(dataset)
-      first = next(iterator)  # the skipped batches are produced here
-      self.skip_seconds += time.perf_counter() - t0
-      yield first
-      yield from iterator
-    else:
-      yield from pipeline.as_numpy(dataset)
+        batch_size=self.global_batch, seed=self.seed, epoch=epoch, start_batch=start_batch,
+        local_rows=self.local_rows)
+    if data.num_batches + start_batch != self.steps_per_epoch:
+      raise RuntimeError(f"epoch {epoch} has {data.num_batches + start_batch} batches, the run "
+                         f"was planned with {self.steps_per_epoch} per epoch")
+    self.open_seconds += time.perf_counter() - t0
+    for batch in pipeline.as_numpy(data.dataset):
+      yield {k: batch[k] for k in step_lib.BATCH_KEYS}
 
   def batches(self, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
-    """Local batches (only the keys the train step reads) of steps start_step, +1, ..."""
+    """Local batches of steps start_step, start_step + 1, ... (endless)."""
     position = Position.of_step(start_step, self.steps_per_epoch)
-    epoch, skip = position.epoch, position.batch
+    epoch, start = position.epoch, position.batch
     while True:
-      for batch in self._epoch_batches(epoch, skip):
-        yield {k: batch[k] for k in step_lib.BATCH_KEYS}
-      epoch, skip = epoch + 1, 0
+      yield from self.epoch_batches(epoch, start)
+      epoch, start = epoch + 1, 0
 
 
 # Datasets train.py may prepare by itself (no downloads): data.name -> prepare's --dataset.
