@@ -4,11 +4,16 @@
       --split val_refcoco_unc [--resolution {reference,original}] [--score_threshold T] \
       [--tau_sweep] [--out DIR]
   python eval.py ... --split all      # every split of config.eval.splits
+  python eval.py --config configs/synthetic.py --checkpoint workdir/synthetic/checkpoints \
+      --which best --split all        # a training run's best-on-val checkpoint
 
 'reference' is the official protocol (model input size, against nearest-resized ground truth,
 reference.md §5/§10); 'original' is each image's own size. tau defaults to
 config.eval.score_threshold (configs/eval_common.py: the value behind the README numbers).
 `--tau_sweep` adds the metrics at every tau of config.eval.tau_grid, from the same pass.
+`--which best` reads WORKDIR/checkpoints/best of a training run (the epoch with the highest
+validation metric, config.eval.best_metric) instead of its latest step; passing
+WORKDIR/checkpoints/best as --checkpoint does the same.
 
 Writes DIR/results.json (every split, with the protocol: eval batch, query_SA grouping,
 devices) and DIR/per_sample.SPLIT.RESOLUTION.jsonl (one line per sample: ids, expression,
@@ -45,6 +50,17 @@ def format_table(results: List[Dict[str, Any]]) -> str:
       for row in [header] + rows)
 
 
+def describe_checkpoint(meta: Dict[str, Any]) -> str:
+  """'kind', and for a best checkpoint the validation result that selected it."""
+  kind = str(meta.get("kind", "?"))
+  if kind != "best":
+    return kind
+  value = meta.get("value")
+  return (f"best: {meta.get('aggregate')} {meta.get('metric')} over "
+          f"{', '.join(meta.get('splits', []))} {_number(value)} at tau "
+          f"{meta.get('score_threshold')}, epoch {meta.get('epoch')}")
+
+
 def _json_safe(value):
   """NaN (an undefined ratio) -> null; float dict keys -> strings."""
   if isinstance(value, dict):
@@ -60,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
   parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory")
+  parser.add_argument("--which", choices=("latest", "best"), default="latest",
+                      help="of a training run's checkpoints: the latest step (default) or the "
+                           "best on validation (CHECKPOINT/best)")
   parser.add_argument("--split", required=True, help="a split name, or 'all' (eval.splits)")
   parser.add_argument("--resolution", choices=("reference", "original"), default=None,
                       help="default: config eval.resolution")
@@ -101,14 +120,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from deris_jax.data import pipeline  # TensorFlow (the input pipeline)
     for split in splits:  # every split is prepared and known before anything runs
       pipeline.open_split(config.data, split)
-    step = checkpoint.latest_step(args.checkpoint) if args.step is None else args.step
-    model, meta = checkpoint.load_model(args.checkpoint, config.model, step)
+    directory = checkpoint.resolve(args.checkpoint, args.which)
+    step = checkpoint.latest_step(directory) if args.step is None else args.step
+    model, meta = checkpoint.load_model(directory, config.model, step)
   except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError) as e:
     print(f"error: {e}", file=sys.stderr)  # config, override or checkpoint
     return 1
   out_dir = pathlib.Path(args.out)
   if lead:
     out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint {directory} step {step} ({describe_checkpoint(meta)})", file=sys.stderr)
   results = []
   for split in splits:
     per_sample = out_dir / f"per_sample.{split}.{resolution}.jsonl"
@@ -134,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             + (" (mean IoU over the samples that have a target)" if "mIoU" in
                r["extra_metrics"] else ""))
     summary = {"checkpoint": args.checkpoint, "checkpoint_kind": meta.get("kind"),
-               "checkpoint_step": step, "config": args.config,
+               "checkpoint_step": step, "checkpoint_which": args.which,
+               "checkpoint_path": str(directory), "config": args.config,
                "overrides": args.override, "results": results}
     with open(out_dir / "results.json", "w") as f:
       json.dump(_json_safe(summary), f, indent=1)

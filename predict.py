@@ -3,6 +3,7 @@
   python predict.py --config configs/deris_b_refcoco.py --checkpoint ckpt/deris_b_refcoco \
       --image photo.jpg --text "the man on the left" [--out predictions]
   python predict.py --config ... --checkpoint ... --batch pairs.jsonl [--out predictions]
+  python predict.py --config ... --checkpoint WORKDIR/checkpoints --which best ...
 
 `--batch` reads one JSON object per line: {"image": PATH, "text": "...", "name": optional};
 relative image paths are relative to the JSONL file. For each pair it writes NAME.mask.png
@@ -329,6 +330,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="configs/X.py[:arg] of the checkpoint")
   parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory")
+  parser.add_argument("--which", choices=("latest", "best"), default="latest",
+                      help="of a training run's checkpoints: the latest step (default) or the "
+                           "best on validation (CHECKPOINT/best)")
   parser.add_argument("--image", default=None, help="an image file (JPEG, PNG, ...)")
   parser.add_argument("--text", default=None, help="the referring expression")
   parser.add_argument("--batch", default=None, help="JSONL of {image, text[, name]} pairs")
@@ -351,7 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0.0 <= tau < 1.0:
       raise PredictError(f"--score_threshold {tau} must be in [0, 1)")
     pairs = prepare_inputs(read_pairs(args), config.data, load_tokenizer(config.data))
-    model, _ = checkpoint.load_model(args.checkpoint, config.model, args.step)
+    directory = checkpoint.resolve(args.checkpoint, args.which)
+    model, _ = checkpoint.load_model(directory, config.model, args.step)
   except (PredictError, checkpoint.CheckpointError, FileNotFoundError, KeyError,
           TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -360,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   out_dir = pathlib.Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   for pair in pairs:
-    summary = write_outputs(out_dir, pair, predictor.run(pair), tau, args.checkpoint)
+    summary = write_outputs(out_dir, pair, predictor.run(pair), tau, str(directory))
     decision = "no target" if summary["no_target"] else f"mask of {summary['mask_area']} px"
     print(f"{pair['name']}: {decision} (max score {max(summary['scores']):.3f}, tau {tau:g})")
   print(f"wrote {3 * len(pairs)} files to {out_dir}")

@@ -2,8 +2,10 @@
 
 `python train.py` (no arguments) runs it: the dataset (64x64 coloured shapes, expressions
 with 0, 1 or several referents) is prepared on first use, training takes about ten minutes on
-a 2-core CPU including compilation, and the final evaluation prints the GRES metrics (gIoU,
-cIoU, N-acc) of the val and test splits.
+a 2-core CPU including compilation. As the official training, it evaluates the val split after
+every epoch (the last one is the final evaluation: gIoU, cIoU, N-acc, ...) and keeps the
+epoch of the highest val cIoU (the official gRefCOCO key metric) in
+workdir/synthetic/checkpoints/best; the test split is for eval.py.
 
 What differs from the released recipes, and why:
   - sizes: hidden 64, small Swin and BEiT-3, 64x64 inputs (the architecture is unchanged)
@@ -42,7 +44,10 @@ def get_config(arg=None):
   common.add_training(config, epochs=arg.epochs, warmup_epochs=0, decay_epochs=(arg.epochs,))
   config.loss.num_points = 256  # of the 64x64 = 4096 mask pixels (the loss dominates on CPU)
   config.optimizer.update(lr=2e-3, clip_norm=1.0, frozen=(), lr_multipliers=())
-  config.train.update(seed=0, log_every_steps=25, eval_every_epochs=0, checkpoint_every_steps=0,
+  config.train.update(seed=0, log_every_steps=25, eval_every_epochs=1, checkpoint_every_steps=0,
                       checkpoint_every_epochs=2, keep_checkpoints=2)
+  # eval_config("synthetic"): training evaluates val (train_splits) at tau 0.7, the best
+  # checkpoint is the highest val cIoU (best_metric; gIoU is the other GRES choice) from
+  # epoch 0 on (best_start_epoch).
   config.eval = eval_common.eval_config("synthetic", config.data)
   return config

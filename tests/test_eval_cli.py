@@ -3,15 +3,20 @@
 The checkpoint has the layout train.py leaves (params + meta + optimizer-like item, kind
 'train', step 7); the model is the official fixture's (configs/deris_tiny.py, query_SA groups
 of 2) with the synthetic 32x32 images resized to its 128x128 input. One forward program is
-compiled (batch 8 over the 8 test devices) and shared by every run here.
+compiled (batch 8 over the 8 test devices) and shared by every run here. `--which best` reads
+the best/ folder a training run writes beside its steps (here: the fixture's params with a
+shifted referring head, so that its numbers differ from the latest step's).
 """
 import importlib
 import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
-from deris_jax import metrics
+from deris_jax import checkpoint, evaluation, metrics
+from deris_jax.convert import deris_checkpoint
+from deris_jax.models.deris import abstract_model
 from tests import eval_helpers as H
 
 eval_cli = importlib.import_module("eval")  # eval.py ('eval' is also a builtin's name)
@@ -26,7 +31,7 @@ def setup(tmp_path_factory, tiny_state_dict):
   config = H.tiny_config(data_dir)
   return {"config": H.write_config_file(root / "tiny_synthetic.py", data_dir),
           "checkpoint": H.write_train_like_checkpoint(root / "ckpt", tiny_state_dict, config),
-          "root": root}
+          "root": root, "config_dict": config}
 
 
 def _read_jsonl(path):
@@ -53,7 +58,7 @@ def test_all_splits_with_sweep(reference_run, capsys):
   for r in results:
     assert (r["resolution"], r["score_threshold"], r["num_samples"]) == ("reference", TAU, 24)
     assert r["protocol"]["compat_group_size"] == 2 and r["protocol"]["eval_batch_size"] == 8
-    assert r["protocol"]["grouping"] == "official (one process)"
+    assert r["protocol"]["grouping"] == "official: consecutive entries of the annotation file"
     assert list(r["tau_sweep"]) == [str(t) for t in H.eval_common.TAU_GRID]
     lines = _read_jsonl(out / f"per_sample.{r['split']}.reference.jsonl")
     assert len({l["example_id"] for l in lines}) == 24
@@ -105,6 +110,7 @@ def test_original_resolution_counts_at_the_image_size(setup, reference_run, tmp_
     (["--split", "nope"], "split 'nope' not in the dataset"),
     (["--override", "model.num_queries=5"], "the model built from the config"),
     (["--score_threshold", "1.5"], "score threshold 1.5 must be in [0, 1)"),
+    (["--which", "best"], "no best checkpoint in "),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args, message):
   base = {"--config": setup["config"], "--checkpoint": setup["checkpoint"], "--split": "val"}
@@ -121,3 +127,50 @@ def test_missing_checkpoint(setup, tmp_path, capsys):
   assert eval_cli.main(["--config", setup["config"], "--checkpoint", str(missing), "--split",
                         "val", "--out", str(tmp_path / "out")]) == 1
   assert f"checkpoint directory {missing} does not exist" in capsys.readouterr().err
+
+
+BEST_STEP = 5
+
+
+@pytest.fixture(scope="module")
+def run_with_best(setup, tiny_state_dict):
+  """A train-like checkpoint directory with best/ = the fixture params, SEG_cls bias shifted."""
+  config = setup["config_dict"]
+  directory = setup["root"] / "run" / "checkpoints"
+  H.write_train_like_checkpoint(directory, tiny_state_dict, config)
+  params, _ = deris_checkpoint.convert_state_dict(tiny_state_dict, config.model,
+                                                  source="fixture")
+  flat = checkpoint.flatten_tree(params)
+  flat["decoder.SEG_cls.bias"] = flat["decoder.SEG_cls.bias"] + np.asarray([0.3, -0.3],
+                                                                           np.float32)
+  best = checkpoint.unflatten(flat)
+  checkpoint.save_params(directory / checkpoint.BEST_DIRECTORY, best, step=BEST_STEP, metadata={
+      "kind": "best", "step": BEST_STEP, "epoch": 0, "metric": "gIoU", "aggregate": "mean",
+      "splits": ["val"], "score_threshold": TAU, "value": 12.5})
+  return directory, best
+
+
+def test_which_best_gives_the_numbers_of_the_best_params(setup, run_with_best, reference_run,
+                                                         tmp_path, capsys):
+  directory, best_params = run_with_best
+  config = setup["config_dict"]
+  graphdef, abstract = nnx.split(abstract_model(config.model))
+  model = nnx.merge(graphdef, checkpoint.tree_into_state(best_params, abstract))
+  direct = evaluation.evaluate(model, config, "val", score_threshold=TAU)  # no checkpoint read
+  summaries = {}
+  for name, args in (("which", [str(directory), "--which", "best"]),
+                     ("path", [str(directory / "best")])):
+    rc = eval_cli.main(["--config", setup["config"], "--checkpoint", *args, "--split", "val",
+                        "--score_threshold", str(TAU), "--out", str(tmp_path / name)])
+    assert rc == 0
+    with open(tmp_path / name / "results.json") as f:
+      summaries[name] = json.load(f)
+  assert "(best: mean gIoU over val 12.50 at tau 0.46, epoch 0)" in capsys.readouterr().err
+  for summary in summaries.values():
+    assert summary["checkpoint_kind"] == "best" and summary["checkpoint_step"] == BEST_STEP
+    assert summary["checkpoint_path"] == str(directory / "best")
+    (result,) = summary["results"]
+    assert result["metrics"] == pytest.approx(direct["metrics"], rel=1e-12, nan_ok=True)
+  assert summaries["which"]["checkpoint_which"] == "best"
+  latest = reference_run[1]["results"][0]  # the fixture params, val at TAU
+  assert latest["metrics"]["gIoU"] != direct["metrics"]["gIoU"]

@@ -172,6 +172,7 @@ BAD_BATCH = [{"image": "street.jpg", "text": "fine"}, {"image": "missing.jpg", "
     ("bad_batch_line", "pairs.jsonl line 2: image not found"),
     ("not_json", "pairs.jsonl line 1: not JSON"),
     ("wrong_checkpoint", "the model built from the config"),
+    ("no_best", "no best checkpoint in "),
 ])
 def test_bad_input(setup, tmp_path, capsys, case, message):
   root = setup["root"]
@@ -188,6 +189,8 @@ def test_bad_input(setup, tmp_path, capsys, case, message):
     extra = ["--image", image] + text
   if case == "wrong_checkpoint":
     extra += ["--override", "model.num_queries=5"]
+  if case == "no_best":  # a training run's checkpoints without best/ yet
+    extra += ["--which", "best"]
   out = tmp_path / "out"
   assert predict.main(_argv(setup, out, *extra)) == 1
   err = capsys.readouterr().err.strip().splitlines()

@@ -5,7 +5,14 @@ training examples, 9 steps of 8 per epoch) over the 8 fake CPU devices, starting
 parameters saved as a 'pretrained' checkpoint (`--init_from`), so no test compiles the
 random initialisers. The loop's train step is the same program in every run (the persistent
 compilation cache of conftest.py serves the repeats).
+
+Best on validation: the runs evaluate val every few steps; `uninterrupted` (cIoU at tau 0.7:
+0 at steps 4 and 8, a tie, then higher at 11) and its stop-and-resume twin check that a resume
+keeps the comparison; `best_run` (gIoU at tau 0.5 every step: highest at step 1) checks that
+WORKDIR/checkpoints/best holds the params of the best evaluation and that eval.py and
+predict.py read it with `--which best`.
 """
+import importlib
 import json
 import os
 import pathlib
@@ -31,7 +38,7 @@ from deris_jax.train import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 11  # crosses the epoch boundary (9 steps per epoch)
-STOP_AT = 5  # the interrupted run stops here; its resume skips 5 batches of epoch 0
+STOP_AT = 5  # the interrupted run stops here; its resume starts at batch 5 of epoch 0
 
 
 def _micro_config(data_dir, *overrides):
@@ -58,7 +65,7 @@ def setup(tmp_path_factory):
   return dict(root=root, data_dir=data_dir, init_dir=init_dir, params=params)
 
 
-EVAL_EVERY = 8  # the uninterrupted run also evaluates the val split at step 8 (and at the end)
+EVAL_EVERY = 4  # the uninterrupted run also evaluates the val split at steps 4, 8 (and 11)
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +87,32 @@ def test_uninterrupted_run(uninterrupted):
                                     async_save=False).all_steps() == [4, 8, 11]
 
 
-def test_stop_and_resume_equals_the_uninterrupted_run(setup, uninterrupted):
+def _new_best_steps(text):
+  return [int(line.split(" at step ")[1].split()[0]) for line in text.splitlines()
+          if line.startswith("new best ")]
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(setup, uninterrupted, capsys):
   workdir = setup["root"] / "resumed"
-  config = _micro_config(setup["data_dir"])
+  config = _micro_config(setup["data_dir"], f"train.eval_every_steps={EVAL_EVERY}")
   first = loop.train(config, workdir, init_from=str(setup["init_dir"]), stop_at_step=STOP_AT)
   assert first.stopped == "stop_at_step" and first.steps_done == STOP_AT
   assert first.last_checkpoint == STOP_AT
+  assert _new_best_steps(capsys.readouterr().out) == [4]
   second = loop.train(config, workdir, init_from="/nonexistent/ignored/when/resuming")
   assert second.resumed_from == STOP_AT and second.steps_done == TOTAL_STEPS
+  # Best on val: cIoU 0 at step 4 (written), 0 again at 8 (a tie: a run that forgot step 4
+  # would write step 8), higher at 11. The resumed record equals the uninterrupted one.
+  want_best = uninterrupted["result"].best
+  assert [h["value"] for h in want_best["history"]][:2] == [0.0, 0.0]
+  assert want_best["history"][2]["value"] > 0 and want_best["saved_step"] == TOTAL_STEPS
+  assert _new_best_steps(capsys.readouterr().out) == [TOTAL_STEPS]
+  assert second.best == want_best
+  best_ours, meta = ckpt_lib.restore_params(workdir / "checkpoints" / "best")
+  best_theirs, _ = ckpt_lib.restore_params(uninterrupted["workdir"] / "checkpoints" / "best")
+  assert meta["kind"] == "best" and meta["step"] == TOTAL_STEPS
+  for name, value in ckpt_lib.flatten_tree(best_theirs).items():
+    np.testing.assert_array_equal(ckpt_lib.flatten_tree(best_ours)[name], value, err_msg=name)
   losses = {**first.losses, **second.losses}
   want = uninterrupted["result"].losses
   assert sorted(losses) == sorted(want)
@@ -159,10 +184,14 @@ def test_evaluates_every_k_steps_and_at_the_end(uninterrupted):
                                    "Pr@0.9"}
   logged = {(tag, step): value for tag, step, value in
             _events(uninterrupted["workdir"] / "tensorboard") if tag.startswith("eval/val/")}
-  assert sorted({step for _, step in logged}) == [EVAL_EVERY, TOTAL_STEPS]
+  assert sorted({step for _, step in logged}) == [4, 8, TOTAL_STEPS]
   assert logged[("eval/val/gIoU", TOTAL_STEPS)] == pytest.approx(final["metrics"]["gIoU"],
                                                                  rel=1e-6)
   assert ("eval/val/mIoU", EVAL_EVERY) in logged  # the extra (non-official) GRES metric
+  history = result.best["history"]  # the best record: one entry per evaluation
+  assert [(h["step"], h["epoch"]) for h in history] == [(4, 0), (8, 0), (TOTAL_STEPS, 1)]
+  for h in history:
+    assert h["value"] == pytest.approx(logged[("eval/val/cIoU", h["step"])], rel=1e-6, abs=1e-6)
 
 
 def test_predict_runs_on_the_train_checkpoint(setup, uninterrupted, tmp_path):
@@ -181,6 +210,136 @@ def test_predict_runs_on_the_train_checkpoint(setup, uninterrupted, tmp_path):
   out = json.loads((tmp_path / "shapes.json").read_text())
   assert len(out["scores"]) == uninterrupted["config"].model.num_queries
   assert (tmp_path / "shapes.mask.png").exists() and (tmp_path / "shapes.overlay.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The best checkpoint: params of the best evaluation; eval.py / predict.py --which best; repair.
+
+BEST_STEPS = 4  # evaluations at steps 1..4 (all in epoch 0); gIoU at tau 0.5 peaks at step 1
+
+
+@pytest.fixture(scope="module")
+def best_run(setup):
+  workdir = setup["root"] / "best_run"
+  config = _micro_config(setup["data_dir"], f"train.max_steps={BEST_STEPS}",
+                         "train.eval_every_steps=1", "train.keep_checkpoints=0",
+                         "eval.train_score_threshold=0.5", "eval.best_metric=gIoU")
+  result = loop.train(config, workdir, init_from=str(setup["init_dir"]))
+  return dict(workdir=workdir, result=result, config=config)
+
+
+def test_best_checkpoint_holds_the_params_of_the_best_evaluation(best_run):
+  directory = best_run["workdir"] / "checkpoints"
+  events = _events(best_run["workdir"] / "tensorboard")
+  giou = {step: value for tag, step, value in events if tag == "eval/val/gIoU"}
+  assert sorted(giou) == list(range(1, BEST_STEPS + 1))
+  assert {s: v for t, s, v in events if t == "eval/mean_gIoU"} == giou
+  best_step = max(giou, key=lambda s: (giou[s], -s))  # the first of the highest
+  assert best_step != BEST_STEPS, "the test needs a best before the last step"
+  tree, meta = ckpt_lib.restore_params(directory / "best")
+  assert meta["kind"] == "best" and (meta["step"], meta["epoch"]) == (best_step, 0)
+  assert (meta["metric"], meta["aggregate"], meta["splits"]) == ("gIoU", "mean", ["val"])
+  assert meta["score_threshold"] == 0.5 and meta["data"]["batch"] == best_step
+  assert meta["value"] == pytest.approx(giou[best_step], rel=1e-6)
+  assert meta["per_split"] == {"val": meta["value"]}
+  assert meta["metrics"]["val"]["gIoU"] == meta["value"] and "cIoU" in meta["metrics"]["val"]
+  assert ckpt_lib.latest_step(directory / "best") == best_step  # only the best is kept
+  record = best_run["result"].best
+  assert record["best"]["step"] == record["saved_step"] == best_step
+  # The params are those of the train checkpoint of that step (written with the best), not
+  # the final ones.
+  train = checkpointing.Checkpointer(directory, keep=None, async_save=False)
+  assert best_step in train.all_steps() and train.latest_step() == BEST_STEPS
+  at_best, _ = ckpt_lib.restore_params(directory, step=best_step)
+  final, _ = ckpt_lib.restore_params(directory)
+  flat, flat_best, flat_final = (ckpt_lib.flatten_tree(t) for t in (tree, at_best, final))
+  assert sorted(flat) == sorted(flat_best)
+  for name, value in flat_best.items():
+    np.testing.assert_array_equal(flat[name], value, err_msg=name)
+  assert any(not np.array_equal(flat[n], flat_final[n]) for n in flat)
+
+
+def _micro_cli(setup):
+  return ["--config", str(ROOT / "configs" / "deris_micro.py"),
+          "--override", f"data.data_dir={setup['data_dir']}"]
+
+
+def test_eval_py_reads_the_best_and_reproduces_its_training_evaluation(setup, best_run,
+                                                                       tmp_path):
+  eval_cli = importlib.import_module("eval")
+  directory = best_run["workdir"] / "checkpoints"
+  _, meta = ckpt_lib.restore_params(directory / "best")
+  summaries = {}
+  for name, checkpoint in (("which", ["--checkpoint", str(directory), "--which", "best"]),
+                           ("direct", ["--checkpoint", str(directory / "best")]),
+                           ("latest", ["--checkpoint", str(directory)])):
+    out = tmp_path / name
+    assert eval_cli.main(_micro_cli(setup) + checkpoint + [
+        "--split", "val", "--score_threshold", "0.5", "--out", str(out)]) == 0
+    summaries[name] = json.loads((out / "results.json").read_text())
+  which = summaries["which"]
+  assert which["checkpoint_kind"] == "best" and which["checkpoint_step"] == meta["step"]
+  assert which["checkpoint_path"] == str(directory / "best")
+  (result,) = which["results"]
+  # The numbers of the evaluation during training that selected it.
+  assert result["metrics"]["gIoU"] == pytest.approx(meta["value"], rel=1e-9)
+  assert dict(result["metrics"], **result["extra_metrics"]) == pytest.approx(
+      meta["metrics"]["val"], rel=1e-9)
+  assert summaries["direct"]["results"][0]["metrics"] == result["metrics"]
+  latest = summaries["latest"]
+  assert latest["checkpoint_step"] == BEST_STEPS and latest["checkpoint_kind"] == "train"
+  assert latest["results"][0]["metrics"]["gIoU"] != result["metrics"]["gIoU"]
+
+
+def test_predict_py_reads_the_best(setup, best_run, tmp_path):
+  import predict  # pylint: disable=g-import-not-at-top
+  from deris_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  tiny = next(c for c in synthetic.DerisSynthetic.BUILDER_CONFIGS if c.name == "tiny")
+  png = tmp_path / "shapes.png"
+  png.write_bytes(synthetic.generate_split(tiny, "val", 1).images[1].data)
+  directory = best_run["workdir"] / "checkpoints"
+  best_step = best_run["result"].best["saved_step"]
+  scores = {}
+  for name, checkpoint in (("which", ["--checkpoint", str(directory), "--which", "best"]),
+                           ("direct", ["--checkpoint", str(directory / "best")]),
+                           ("step", ["--checkpoint", str(directory), "--step", str(best_step)]),
+                           ("latest", ["--checkpoint", str(directory)])):
+    assert predict.main(_micro_cli(setup) + checkpoint + [
+        "--image", str(png), "--text", "all circles", "--out", str(tmp_path / name)]) == 0
+    out = json.loads((tmp_path / name / "shapes.json").read_text())
+    scores[name] = out["scores"]
+    if name == "which":
+      assert out["checkpoint"] == str(directory / "best")
+  # The best = the train checkpoint of its step (the params of that evaluation), not the latest.
+  assert scores["which"] == scores["direct"] == scores["step"] != scores["latest"]
+
+
+def test_a_best_left_unwritten_by_a_kill_is_written_on_resume(setup, uninterrupted, tmp_path,
+                                                               capsys):
+  """The train checkpoint of step 11 names the best; the best directory lost it (the run was
+  killed between the two writes, leaving a temporary directory)."""
+  workdir = tmp_path / "killed"
+  shutil.copytree(uninterrupted["workdir"], workdir)
+  best = workdir / "checkpoints" / "best"
+  shutil.rmtree(best / str(TOTAL_STEPS))
+  partial = best / f"{TOTAL_STEPS}.orbax-checkpoint-tmp-1234567"
+  (partial / "params").mkdir(parents=True)
+  with pytest.raises(ckpt_lib.CheckpointError, match="no best checkpoint in"):
+    ckpt_lib.resolve(workdir / "checkpoints", "best")
+  capsys.readouterr()
+  config = _micro_config(setup["data_dir"], f"train.eval_every_steps={EVAL_EVERY}")
+  result = loop.train(config, workdir)
+  out = capsys.readouterr().out
+  assert result.resumed_from == TOTAL_STEPS and not partial.exists()
+  assert f"wrote the best checkpoint of step {TOTAL_STEPS}, which the previous run" in out
+  assert _new_best_steps(out) == []  # the final evaluation was recorded already
+  assert f"eval step {TOTAL_STEPS} (epoch 1): mean cIoU over val" in out
+  assert result.best == uninterrupted["result"].best
+  tree, meta = ckpt_lib.restore_params(ckpt_lib.resolve(workdir / "checkpoints", "best"))
+  assert meta["step"] == TOTAL_STEPS and meta["value"] == result.best["best"]["value"]
+  train, _ = ckpt_lib.restore_params(workdir / "checkpoints")
+  for name, value in ckpt_lib.flatten_tree(train).items():
+    np.testing.assert_array_equal(ckpt_lib.flatten_tree(tree)[name], value, err_msg=name)
 
 
 def _subprocess_env():

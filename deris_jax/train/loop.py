@@ -7,7 +7,11 @@
      under jax.transfer_guard("disallow"); metrics stay on the device until a log step
   -> every log interval: fetch metrics (jax.device_get), console + TensorBoard, and stop
      with `NonFiniteLossError` if a loss was not finite; checkpoints never save such a state
-  -> evaluation and checkpoints at their intervals; a final checkpoint and evaluation.
+  -> evaluation of config.eval.train_splits at config.eval.train_score_threshold and
+     checkpoints at their intervals; a final evaluation and checkpoint
+  -> after each evaluation the best-on-val rule (checkpointing.BestTracker, the official
+     tools/train.py): a new best from epoch config.eval.best_start_epoch on writes the train
+     checkpoint of that step (if not due anyway), then WORKDIR/checkpoints/best.
 """
 import dataclasses
 import pathlib
@@ -58,7 +62,8 @@ class RunResult:
   last_checkpoint: Optional[int]
   eval_results: Dict[str, Dict[str, Any]]  # split -> metrics of the last evaluation
   resumed_from: Optional[int]
-  skip_seconds: float  # input batches skipped to resume the stream
+  best: Optional[Dict[str, Any]]  # the best-on-val record (checkpointing.BestTracker.record)
+  input_open_seconds: float  # time spent opening the epochs' input pipelines
 
 
 def _due(steps_done: int, every_steps: int, every_epochs: int, steps_per_epoch: int) -> bool:
@@ -128,14 +133,17 @@ def _init_state(trainer, config, init_from, report):
   return state_lib.init_state(trainer, config.train.seed, params=params)
 
 
-def _evaluate(state, trainer, config, step, report) -> Dict[str, Dict[str, Any]]:
-  """`deris_jax.evaluation.evaluate` on every split of `config.eval.splits`."""
+def _evaluate(state, trainer, config, step, report,
+              settings: checkpointing.BestSettings) -> Dict[str, Dict[str, Any]]:
+  """`deris_jax.evaluation.evaluate` on every split of `config.eval.train_splits` at tau
+  `config.eval.train_score_threshold`."""
   from deris_jax import evaluation  # pylint: disable=g-import-not-at-top
   model = nnx.merge(trainer.graphdef, nnx.State(state.params))
   results = {}
-  for split in config.eval.splits:
+  for split in settings.splits:
     with jax.transfer_guard("allow"):
-      results[split] = evaluation.evaluate(model, config, split, mesh=trainer.mesh)
+      results[split] = evaluation.evaluate(model, config, split, mesh=trainer.mesh,
+                                           score_threshold=settings.score_threshold)
     metrics = dict(results[split]["metrics"], **results[split].get("extra_metrics", {}))
     report.eval_line(step, split, metrics, results[split]["score_threshold"])
     report.scalars(step, metrics, prefix=f"eval/{split}")
@@ -152,6 +160,9 @@ class _Run:
   state: state_lib.TrainState
   steps_per_epoch: int
   last_checkpoint: Optional[int]
+  eval_settings: Optional[checkpointing.BestSettings] = None
+  tracker: Optional[checkpointing.BestTracker] = None  # None: no best checkpoint
+  best_pending: Optional[checkpointing.Observation] = None  # to write after its train ckpt
   losses: Dict[int, float] = dataclasses.field(default_factory=dict)
   eval_results: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
   pending: List[Dict[str, jax.Array]] = dataclasses.field(default_factory=list)
@@ -202,13 +213,76 @@ class _Run:
 
   def save(self, done: int) -> None:
     self.check_finite({})
+    extra = dict(best=self.tracker.record) if self.tracker is not None else None
     self.ckpt.save(self.state, config=self.config,
-                   data_position=_data_position(done, self.steps_per_epoch, self.config))
+                   data_position=_data_position(done, self.steps_per_epoch, self.config),
+                   extra_meta=extra)
     self.last_checkpoint = done
 
   def evaluate(self, done: int) -> None:
-    self.eval_results = _evaluate(self.state, self.trainer, self.config, done, self.report)
+    """Evaluates eval.train_splits and applies the best-on-val rule (written by write_best,
+    after the train checkpoint of this step)."""
+    self.check_finite({})  # a non-finite state is neither evaluated nor written
+    self.eval_results = _evaluate(self.state, self.trainer, self.config, done, self.report,
+                                  self.eval_settings)
     self.interval_start = time.perf_counter()  # evaluation time is not training time
+    if self.tracker is None:
+      return
+    epoch = (done - 1) // self.steps_per_epoch  # the epoch (0-based) the last step belongs to
+    obs = self.tracker.observe(done, epoch, {
+        split: dict(r["metrics"], **r.get("extra_metrics", {}))
+        for split, r in self.eval_results.items()})
+    settings = self.eval_settings
+    name = f"{settings.aggregate}_{settings.metric}"
+    self.report.scalars(done, {name: obs.value}, prefix="eval")
+    line = f"eval step {done} (epoch {epoch}): {settings.describe()} {obs.value:.2f}"
+    if obs.repeated:
+      self.report.log(line + " (already recorded by the checkpoint)")
+    elif obs.save:
+      self.best_pending = obs
+    elif obs.new_best:
+      self.report.log(line + f", the best so far; the best checkpoint is written from epoch "
+                      f"{settings.start_epoch} on (eval.best_start_epoch)")
+    else:
+      best = self.tracker.best
+      self.report.log(line + ("" if best is None else
+                              f", best {best['value']:.2f} (step {best['step']}, epoch "
+                              f"{best['epoch']})"))
+
+  def write_best(self) -> None:
+    """Writes the best checkpoint decided by the last evaluation, once the train checkpoint of
+    its step (whose record names it) is complete."""
+    obs, self.best_pending = self.best_pending, None
+    if obs is None:
+      return
+    self.ckpt.wait()
+    self._save_best(obs.step)
+    previous = ("" if obs.previous is None else
+                f" > {obs.previous['value']:.2f} (step {obs.previous['step']}, epoch "
+                f"{obs.previous['epoch']})")
+    self.report.log(f"new best {self.eval_settings.describe()} {obs.value:.2f} at step "
+                    f"{obs.step} (epoch {obs.epoch}){previous}: wrote "
+                    f"{self.ckpt.best_directory}")
+
+  def _save_best(self, step: int) -> None:
+    meta = self.tracker.best_meta(
+        self.config, data_position=_data_position(step, self.steps_per_epoch, self.config))
+    self.ckpt.save_best(self.state, meta=meta)
+
+  def repair_best(self, resumed_from: int) -> None:
+    """After a resume: writes the best checkpoint that a kill between the train checkpoint and
+    the best left unwritten (the restored params are those of that step)."""
+    if self.tracker is None:
+      return
+    if self.tracker.reset_reason:
+      self.report.log(f"best on val: {self.tracker.reset_reason}")
+    todo = self.tracker.to_repair(resumed_from, self.ckpt.best_step())
+    if todo == "write":
+      self._save_best(resumed_from)
+      self.report.log(f"wrote the best checkpoint of step {resumed_from}, which the previous "
+                      f"run had not finished, to {self.ckpt.best_directory}")
+    elif todo:
+      self.report.log(f"warning: {todo}")
 
 
 def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
@@ -226,10 +300,11 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
   mesh = S.make_mesh(config.mesh)
   global_batch = config.data.batch_size
   spe, num_examples = input_lib.steps_per_epoch(config.data, global_batch)
-  input_lib.check_vocabulary(config.data, config.model)
   total = config.train.epochs * spe
   if config.train.max_steps:
     total = min(total, config.train.max_steps)
+  # Checked before anything is built: a bad eval.best_metric fails now, not after an epoch.
+  eval_settings = checkpointing.BestSettings.from_config(config) if "eval" in config else None
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=spe)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                     async_save=config.train.async_checkpoint)
@@ -241,6 +316,7 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
              f"{global_batch}, {num_examples} training examples, {spe} steps per epoch, "
              f"{total} steps")
   t0 = time.perf_counter()
+  meta = {}
   if resumed_from is not None:
     state, meta = ckpt.restore(trainer)
     _check_resume(meta, _data_position(resumed_from, spe, config), ckpt.directory)
@@ -250,17 +326,22 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
   start = int(jax.device_get(state.step))
   report.log(f"state ready in {reporting.format_seconds(time.perf_counter() - t0)}")
 
+  input_lib.check_data(config.data, config.model, log=report.log)
   stream = input_lib.TrainInput(config.data, global_batch=global_batch, seed=config.train.seed,
-                                steps_per_epoch_=spe, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                steps_per_epoch_=spe,
+                                local_rows=S.process_rows(global_batch, mesh))
   run = _Run(config=config, trainer=trainer, ckpt=ckpt, report=report, state=state,
-             steps_per_epoch=spe, last_checkpoint=resumed_from)
+             steps_per_epoch=spe, last_checkpoint=resumed_from, eval_settings=eval_settings)
   tc = config.train
-  has_eval = "eval" in config and bool(config.eval.splits)
+  has_eval = eval_settings is not None and bool(eval_settings.splits)
   if not has_eval and (tc.eval_every_steps or tc.eval_every_epochs):
-    report.log("no evaluation: the config has no eval section with splits")
+    report.log("no evaluation: the config has no eval section with train_splits")
+  if has_eval and eval_settings.metric:
+    run.tracker = checkpointing.BestTracker(eval_settings, meta.get("best"))
   stopped = "finished"
   try:
+    if resumed_from is not None:
+      run.repair_best(resumed_from)
     batches = stream.batches(start)
     train_step = step_lib.jit_train_step(trainer)
     for step in range(start, total):
@@ -268,12 +349,13 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
       done = step + 1
       if _due(done, tc.log_every_steps, 0, spe) or done == total:
         run.log(done)
-      if _due(done, tc.checkpoint_every_steps, tc.checkpoint_every_epochs, spe) and (
-          done != total):
-        run.save(done)
       if has_eval and _due(done, tc.eval_every_steps, tc.eval_every_epochs, spe) and (
           done != total):
-        run.evaluate(done)
+        run.evaluate(done)  # before the checkpoint: its best record includes this evaluation
+      if (_due(done, tc.checkpoint_every_steps, tc.checkpoint_every_epochs, spe) and (
+          done != total)) or run.best_pending is not None:
+        run.save(done)
+      run.write_best()
       if stop_at_step is not None and done >= stop_at_step and done != total:
         stopped = "stop_at_step"
         break
@@ -282,10 +364,11 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
         break
     done = int(jax.device_get(run.state.step))
     run.collect(done)  # steps after the last log (stop_at_step, preemption)
-    if run.last_checkpoint != done:
-      run.save(done)
     if stopped == "finished" and has_eval:
       run.evaluate(done)
+    if run.last_checkpoint != done:
+      run.save(done)
+    run.write_best()
     ckpt.wait()
   finally:
     ckpt.close()
@@ -293,4 +376,5 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
   return RunResult(steps_done=done, total_steps=total, steps_per_epoch=spe, stopped=stopped,
                    losses=run.losses, last_checkpoint=run.last_checkpoint,
                    eval_results=run.eval_results, resumed_from=resumed_from,
-                   skip_seconds=stream.skip_seconds)
+                   best=None if run.tracker is None else run.tracker.record,
+                   input_open_seconds=stream.open_seconds)
