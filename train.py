@@ -5,6 +5,12 @@ dataset (prepared on first use, no download), which learns in about ten minutes 
 2-core CPU and prints its mIoU / gIoU. A workdir that already holds a checkpoint resumes
 exactly where it stopped. `--init_from DIR` starts from the parameters of a checkpoint
 (converted official weights, or another run) with a fresh optimizer.
+
+`--dry_run` checks that the config fits together on the devices present, before any data is
+prepared and any parameter allocated (`deris_jax.train.dry_run`): it lowers and compiles the
+train step and the evaluation at the config's shapes and global batches, prints the mesh,
+batches, parameter and optimizer-state sizes and XLA's memory estimate per device, and exits
+0, or 1 with an `error: ...` line naming what does not fit.
 """
 import os
 import pathlib
@@ -23,6 +29,9 @@ config_flags.DEFINE_config_file("config", str(ROOT / DEFAULT_CONFIG), "config fi
 flags.DEFINE_string("workdir", None, "checkpoints and TensorBoard events; default "
                     "workdir/<config name>")
 flags.DEFINE_string("init_from", None, "start from the params of this checkpoint directory")
+flags.DEFINE_bool("dry_run", False, "check the config against the devices (lower and compile "
+                  "the train and eval programs on abstract shapes; no data, no parameters), "
+                  "print sizes and memory, exit 0 if it fits, 1 with an error line if not")
 FLAGS = flags.FLAGS
 
 
@@ -31,18 +40,38 @@ def default_workdir(config_path: str) -> str:
   return str(ROOT / "workdir" / name)
 
 
+def dry_run(config, config_path: str) -> int:
+  """`--dry_run`: no dataset (TensorFlow is not imported), abstract parameters only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from deris_jax.train import dry_run as dry_run_lib  # pylint: disable=g-import-not-at-top
+  main_process = jax.process_index() == 0
+  say = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)
+  say(f"dry run of config {config_path} (no data read, no parameter allocated)")
+  try:
+    report = dry_run_lib.dry_run(config, progress=say)
+  except dry_run_lib.DryRunError as e:
+    dry_run_lib.print_report(e.report, say)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+  dry_run_lib.print_report(report, say)
+  say("ok: the config fits together on these devices")
+  return 0
+
+
 def main(argv):
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if not FLAGS["verbosity"].present:  # Orbax / TFDS info lines would drown the train log
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  if config.train.distributed:
+  if "train" in config and config.train.distributed:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
+  config_path = flags.FLAGS["config"].config_filename
+  if FLAGS.dry_run:
+    return dry_run(config, config_path)
   from deris_jax.train import input as input_lib  # pylint: disable=g-import-not-at-top
   from deris_jax.train import loop  # pylint: disable=g-import-not-at-top
-  config_path = flags.FLAGS["config"].config_filename
   workdir = FLAGS.workdir or default_workdir(config_path)
   print(f"config {config_path}, workdir {workdir}", flush=True)
   input_lib.ensure_prepared(config.data)
@@ -53,6 +82,12 @@ def main(argv):
     return 2
   print(f"done: {result.steps_done}/{result.total_steps} steps ({result.stopped}); last "
         f"checkpoint step {result.last_checkpoint} in {workdir}/checkpoints", flush=True)
+  record = result.best or {}
+  if record.get("saved_step") is not None:
+    best, saved = record["best"], record["saved_step"]
+    what = (f"val {record['aggregate']} {record['metric']} {best['value']:.2f} at step {saved} "
+            f"(epoch {best['epoch']})" if best["step"] == saved else f"step {saved}")
+    print(f"best checkpoint: {what} in {workdir}/checkpoints/best", flush=True)
   for split, evaluated in result.eval_results.items():
     metrics = dict(evaluated["metrics"], **evaluated.get("extra_metrics", {}))
     shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
