@@ -3,7 +3,7 @@
   python bench.py --config configs/deris_b_refcoco.py --batch 1,4,16 [--dtype bfloat16]
   python bench.py --mode train --config configs/deris_b_refcoco.py --batch 16 [--mesh 1,1]
   python bench.py --mode deform [--dtype bfloat16]     # MSDeformAttn alone at DeRIS size
-  python bench.py --mode data                          # tf.data examples/s (see deris_jax.data)
+  python bench.py --mode data                          # tf.data examples/s (benchmarks/)
 
 For each batch size it prints the compile time, the median step time over `--steps` timed
 steps (after `--warmup`), images/s, peak device memory (host RSS on CPU), the memory XLA's
@@ -27,8 +27,16 @@ from typing import Callable, Dict, List, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from configs import common
 from deris_jax.config_loader import load_config
+from deris_jax.models.deform_attn import ms_deform_attn_core
+from deris_jax.models.deris import abstract_model
+from deris_jax.train import params as P
+from deris_jax.train import sharding as S
+from deris_jax.train import state as state_lib
+from deris_jax.train import step as step_lib
 
 
 def peak_memory_bytes() -> int:
@@ -95,31 +103,38 @@ def largest_batch(compile_at: Callable[[int], Dict[str, float]], measured: Dict[
               fixed_bytes=fixed, limit_bytes=limit_bytes)
 
 
-def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None):
-  """(compile seconds, median seconds per call, `compiled_stats`) of jitted `fn(*args)`."""
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  stats = compiled_stats(compiled)
+def time_calls(call: Callable[[], object], *, warmup: int, steps: int,
+               profile: str = None) -> float:
+  """Median seconds of `call()` over `steps` timed calls after `warmup` untimed ones; `call`
+  blocks until its results are ready. `profile`: a TensorBoard trace of the timed calls."""
   for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
+    call()
   times = []
   if profile:
     jax.profiler.start_trace(profile)
   for _ in range(steps):
     t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
+    call()
     times.append(time.perf_counter() - t)
   if profile:
     jax.profiler.stop_trace()
-  return compile_s, float(np.median(times)), stats
+  return float(np.median(times))
+
+
+def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None):
+  """(compile seconds, median seconds per call, `compiled_stats`) of jitted `fn(*args)`."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  step_s = time_calls(lambda: jax.block_until_ready(compiled(*args)), warmup=warmup,
+                      steps=steps, profile=profile)
+  return compile_s, step_s, compiled_stats(compiled)
 
 
 def random_params(abstract_params, shardings=None, seed: int = 0):
   """Random parameters shaped like `abstract_params` (a pure dict of ShapeDtypeStructs), made
   by one small jitted program straight into `shardings`: N(0, 0.02), and 1 + N(0, 0.02) for
   normalisation scales, so activations keep a realistic scale."""
-  from deris_jax.train import params as P
   names = list(P.named_leaves(abstract_params))
   leaves, treedef = jax.tree.flatten(abstract_params)
 
@@ -165,9 +180,6 @@ def _compat_multiple(model_config) -> int:
 def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
   """Rows of the jitted forward, batch -> `compiled_stats` (for --max_batch), and the
   multiple every batch must be."""
-  from flax import nnx
-  from deris_jax.models.deris import abstract_model
-  from deris_jax.train import params as P
   model = abstract_model(config.model)
   graphdef, _ = nnx.split(model)
   state = nnx.State(random_params(P.model_params(model)))
@@ -210,10 +222,6 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   """Rows of the jitted, sharded train step of deris_jax.train on random data (the state is
   threaded through the timed steps, as in training: it is donated), batch ->
   `compiled_stats` (for --max_batch), and the multiple every batch must be."""
-  from configs import common
-  from deris_jax.train import sharding as S
-  from deris_jax.train import state as state_lib
-  from deris_jax.train import step as step_lib
   if "train" not in config:  # e.g. the tiny fixture config: the released recipe
     common.add_training(config, epochs=1, warmup_epochs=0, decay_epochs=())
   if args.mesh:
@@ -241,20 +249,15 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     stats = compiled_stats(compiled)
-    for _ in range(args.warmup):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    if args.profile:
-      jax.profiler.start_trace(args.profile)
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
-    if args.profile:
-      jax.profiler.stop_trace()
-    row = _row("train", b, config.model.dtype, compile_s, float(np.median(times)), stats,
+    carry = {"state": state}
+
+    def one_step():  # threads the donated state through the calls, as training does
+      carry["state"], carry["metrics"] = compiled(carry["state"], batch)
+      jax.block_until_ready(carry["metrics"])
+
+    step_s = time_calls(one_step, warmup=args.warmup, steps=args.steps, profile=args.profile)
+    state, metrics = carry["state"], carry["metrics"]
+    row = _row("train", b, config.model.dtype, compile_s, step_s, stats,
                devices=mesh.size)  # cost analysis is per device program
     row.update(mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}",
                loss=float(jax.device_get(metrics["loss"])))
@@ -264,7 +267,6 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
 
 def bench_deform(args) -> List[dict]:
   """MSDeformAttn core alone at DeRIS size: 3024 queries, 8 heads x 32, levels 12/24/48."""
-  from deris_jax.models.deform_attn import ms_deform_attn_core
   dtype = jnp.dtype(args.dtype or "float32")
   shapes = ((12, 12), (24, 24), (48, 48))
   heads, dim, points = 8, 32, 4
@@ -321,8 +323,8 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args, rest = parser.parse_known_args(argv)
   if args.mode == "data":
-    from deris_jax.data import benchmark
-    benchmark.main(rest)
+    from benchmarks import data_pipeline  # imports TensorFlow: only for this mode
+    data_pipeline.main(rest)
     return 0
   if rest:
     parser.error(f"unknown arguments {rest}")

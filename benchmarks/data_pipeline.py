@@ -1,4 +1,4 @@
-"""`python -m deris_jax.data.benchmark`: input pipeline throughput, examples/s per core.
+"""`python bench.py --mode data`: input pipeline throughput, examples/s per core.
 
 Two workloads, each prepared in a temporary folder:
 - synthetic: the `shapes64` set at its own sizes (64x64 in and out);
@@ -7,7 +7,7 @@ Two workloads, each prepared in a temporary folder:
 "Per core" runs tf.data on one thread (private threadpool of 1, no parallel calls); "all
 cores" lets tf.data use every core. Prints examples/s for both.
 
-  python -m deris_jax.data.benchmark [--images 48] [--expressions_per_image 8] [--batches 20]
+  python bench.py --mode data [--images 48] [--expressions_per_image 8] [--batches 20]
 """
 import argparse
 import io

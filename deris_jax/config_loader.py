@@ -1,12 +1,13 @@
 """Loads `configs/X.py[:arg]` files (ml_collections `get_config(arg)`) with `key=value` overrides.
 
 train.py uses absl's `config_flags` for the same syntax; this is for the argparse commands
-(convert, eval, predict, bench) and for tests.
+(convert, eval, predict, bench) and for tests. Config files import `configs.common` and its
+siblings, so the repository root must be importable: it is for the commands (their folder)
+and for pytest (`pythonpath = .`).
 """
 import ast
 import importlib.util
 import pathlib
-import sys
 from typing import Sequence
 
 import ml_collections
@@ -22,8 +23,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     path = ROOT / path
   if not path.is_file():
     raise FileNotFoundError(f"config file {path_str} not found")
-  if str(ROOT) not in sys.path:  # configs import `configs.common`
-    sys.path.insert(0, str(ROOT))
   module_spec = importlib.util.spec_from_file_location(f"_deris_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import convert
-from deris_jax import checkpoint, parity
+from deris_jax import checkpoint
+from deris_jax.parity import check
 from tests import torch_format
 
 
@@ -25,11 +26,11 @@ def converted(official_pth, tmp_path_factory):
 
 
 def test_converted_checkpoint_reproduces_the_fixture(converted, tiny_dir):
-  fixture = parity.load_fixture(tiny_dir)
+  fixture = check.load_fixture(tiny_dir)
   model, meta = checkpoint.load_model(converted, fixture.model_config)
   assert meta["kind"] == "converted" and len(meta["sha256"]) == 64
   assert meta["loaded"] == 533 and len(meta["dropped"]) == 29  # 8 index buffers, 12 mapmlp, ...
-  taps = parity.run_with_taps(model, fixture.inputs)
+  taps = check.run_with_taps(model, fixture.inputs)
   for key in ("final.refer_logits", "final.pred_existence", "decoder.round3.mask_logits"):
     np.testing.assert_allclose(taps[key], fixture.outputs[key], atol=1e-4, rtol=1e-4)
 

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from deris_jax.data import masks as M
 from deris_jax.data import prepare
 from deris_jax.data import registry
-from deris_jax.data import tiny_files
+from tests import tiny_files
 
 tfds.disable_progress_bar()
 

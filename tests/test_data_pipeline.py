@@ -8,7 +8,7 @@ from deris_jax.data import order
 from deris_jax.data import pipeline
 from deris_jax.data import pipeline_ops as ops
 from deris_jax.data import prepare
-from deris_jax.data import tiny_files
+from tests import tiny_files
 from deris_jax.data import tokenizer as tok
 
 tfds.disable_progress_bar()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deris_jax.data import text as T
-from deris_jax.data import tiny_files
+from tests import tiny_files
 from deris_jax.data import tokenizer as tok
 
 

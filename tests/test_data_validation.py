@@ -9,7 +9,7 @@ from deris_jax.data import deris_format
 from deris_jax.data import entries as E
 from deris_jax.data import prepare
 from deris_jax.data import referring_builder
-from deris_jax.data import tiny_files
+from tests import tiny_files
 
 tfds.disable_progress_bar()
 

@@ -1,6 +1,6 @@
 """A held-out official-format gRefCOCO set through prepare, train.py and eval.py (CLI level).
 
-The tiny DeRIS-format files (deris_jax/data/tiny_files.py) edited to cover what the released
+The tiny DeRIS-format files (tests/tiny_files.py) edited to cover what the released
 gRefCOCO recipes meet on the real files: an expression with more referred instances than the
 model has queries (2 targets, micro model with 1 query: the official 20 x K matching), an
 evaluation split whose file order is not sorted by image, and an image shared by the training
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from deris_jax.data import tiny_files
+from tests import tiny_files
 from deris_jax.data import tokenizer as tok
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

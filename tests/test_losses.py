@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deris_jax import fixture_losses, losses
+from deris_jax import losses
+from deris_jax.parity import fixture_losses
 from deris_jax.ops import resize, sample
 
 STAGES = fixture_losses.STAGES  # round order 0..3

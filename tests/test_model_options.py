@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deris_jax import parity
+from deris_jax.parity import check
 
 
 def _beit3_loss_and_grads(fixture, inputs, *, train: bool, **options):
   config = fixture.model_config.copy_and_resolve_references()
   config.update(options)
-  model = parity.build_converted_model(fixture, config)
+  model = check.build_converted_model(fixture, config)
   graphdef, params = nnx.split(model.beit3)
 
   def loss(params):
@@ -30,8 +30,8 @@ def _assert_same_loss_and_grads(got, want):
 
 
 def test_remat_gives_the_same_loss_and_gradients(tiny_dir):
-  fixture = parity.load_fixture(tiny_dir)
-  inputs = parity.model_inputs(fixture.inputs)
+  fixture = check.load_fixture(tiny_dir)
+  inputs = check.model_inputs(fixture.inputs)
   v0, g0 = _beit3_loss_and_grads(fixture, inputs, train=True, remat=False)
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=True, remat=True)
   _assert_same_loss_and_grads((v1, g1), (v0, g0))
@@ -39,9 +39,9 @@ def test_remat_gives_the_same_loss_and_gradients(tiny_dir):
 
 def test_scanned_layers_give_the_loop_numbers(tiny_dir):
   """scan_layers: the BEiT-3 stack as one lax.scan; eval loss and gradients equal the loop's."""
-  fixture = parity.load_fixture(tiny_dir)
+  fixture = check.load_fixture(tiny_dir)
   assert fixture.model_config.beit3.num_layers > 1  # else the loop runs anyway
-  inputs = parity.model_inputs(fixture.inputs)
+  inputs = check.model_inputs(fixture.inputs)
   v0, g0 = _beit3_loss_and_grads(fixture, inputs, train=False, scan_layers=False)
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=False, scan_layers=True)
   _assert_same_loss_and_grads((v1, g1), (v0, g0))
@@ -50,9 +50,9 @@ def test_scanned_layers_give_the_loop_numbers(tiny_dir):
 def test_scanned_layers_train_with_drop_path_and_remat(tiny_dir):
   """In training the scan draws its own drop-path keys: remat must not change them, and drop
   path must be applied (the loss differs from eval's)."""
-  fixture = parity.load_fixture(tiny_dir)
+  fixture = check.load_fixture(tiny_dir)
   assert fixture.model_config.beit3.drop_path_rate > 0
-  inputs = parity.model_inputs(fixture.inputs)
+  inputs = check.model_inputs(fixture.inputs)
   v_eval, _ = _beit3_loss_and_grads(fixture, inputs, train=False, scan_layers=True)
   v0, g0 = _beit3_loss_and_grads(fixture, inputs, train=True, scan_layers=True)
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=True, scan_layers=True, remat=True)

@@ -6,18 +6,18 @@ import jax
 import jax.numpy as jnp
 
 from configs import deris_tiny
-from deris_jax import parity
+from deris_jax.parity import check
 from deris_jax.models.deris import DeRIS
 
 
 @pytest.fixture(scope="session")
 def fixture(tiny_dir):
-  return parity.load_fixture(tiny_dir)
+  return check.load_fixture(tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def parity_result(fixture):
-  return parity.run_parity(fixture)
+  return check.run_parity(fixture)
 
 
 def test_every_model_tensor_matches(parity_result, fixture):
@@ -26,7 +26,7 @@ def test_every_model_tensor_matches(parity_result, fixture):
   assert not failed
   # Everything is compared (forward, rounds, batch-of-1, post-processing, matches and loss
   # values on the fixture's targets) but the random points and the box/constant loss terms.
-  assert all(parity.not_produced_reason(name) != "no deris-jax counterpart" for name in skipped)
+  assert all(check.not_produced_reason(name) != "no deris-jax counterpart" for name in skipped)
   assert len(skipped) == 22 and len(comparisons) == len(fixture.outputs) - 22 == 173
 
 
@@ -46,10 +46,10 @@ def test_tiny_config_equals_fixture_config(fixture):
 
 def test_compare_flags_a_wrong_tensor():
   ref = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
-  assert parity.compare("x", ref + 5e-5, ref).passed
-  assert not parity.compare("x", ref + 5e-4, ref).passed
-  assert not parity.compare("m", np.ones(4, np.uint8), np.array([1, 1, 0, 1], np.uint8)).passed
-  assert not parity.compare("x", ref[:2], ref).passed
+  assert check.compare("x", ref + 5e-5, ref).passed
+  assert not check.compare("x", ref + 5e-4, ref).passed
+  assert not check.compare("m", np.ones(4, np.uint8), np.array([1, 1, 0, 1], np.uint8)).passed
+  assert not check.compare("x", ref[:2], ref).passed
 
 
 def _outputs(model, inputs, sl=slice(None)):
@@ -60,13 +60,13 @@ def _outputs(model, inputs, sl=slice(None)):
     out = nnx.merge(graphdef, state)(*args)
     return out.refer_logits, out.pred_masks, out.existence_logit
 
-  return [np.asarray(x) for x in run(state, *parity.model_inputs(inputs, sl))]
+  return [np.asarray(x) for x in run(state, *check.model_inputs(inputs, sl))]
 
 
 def test_compat_group_size_one_gives_batch_of_one_values(fixture):
   config = fixture.model_config.copy_and_resolve_references()
   config.compat_group_size = 1
-  model = parity.build_converted_model(fixture, config)
+  model = check.build_converted_model(fixture, config)
   logits, _, _ = _outputs(model, fixture.inputs)
   for b in range(2):
     want = fixture.outputs[f"batch1.sample{b}.decoder.round3.refer_logits"][0]
@@ -78,7 +78,7 @@ def test_compat_group_size_one_gives_batch_of_one_values(fixture):
 def test_corrected_model_is_per_sample(fixture):
   config = fixture.model_config.copy_and_resolve_references()
   config.reference_compat = False
-  model = parity.build_converted_model(fixture, config)
+  model = check.build_converted_model(fixture, config)
   together = _outputs(model, fixture.inputs)
   for b in range(2):
     alone = _outputs(model, fixture.inputs, slice(b, b + 1))
@@ -100,7 +100,7 @@ def test_text_position_code(fixture):
 def test_bfloat16_compute_keeps_float32_params(fixture):
   config = fixture.model_config.copy_and_resolve_references()
   config.dtype = "bfloat16"
-  model = parity.build_converted_model(fixture, config)
+  model = check.build_converted_model(fixture, config)
   params = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
   assert all(p.dtype == jnp.float32 for p in params)
   logits, masks, existence = _outputs(model, fixture.inputs)

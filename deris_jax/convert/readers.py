@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from deris_jax.convert import arrays
 from deris_jax.convert.errors import CheckpointError, PathLike, existing_file, reraise
@@ -255,7 +256,6 @@ def _safetensors_order(path: str, names) -> list:
 
 
 def _read_safetensors(path: str, key: Optional[str], with_data: bool) -> Dict[str, Any]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if key is not None:
     raise CheckpointError(f"{path}: a safetensors file holds one flat state dict; "
                           f"key={key!r} does not apply")

@@ -19,7 +19,9 @@ import dataclasses
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 Shape = Tuple[int, ...]
 
@@ -178,8 +180,6 @@ def load_into(module, arrays: Mapping[str, np.ndarray], rules: Sequence[Rule] = 
               drops: Sequence[Drop] = (), *, strict: bool = True,
               source: str = "checkpoint") -> Plan:
   """Converts `arrays` (official names) and writes them into `module`'s nnx.Param leaves."""
-  from flax import nnx
-  import jax.numpy as jnp
 
   params = nnx.state(module, nnx.Param)
   shapes = flat_shapes(params)

@@ -1,23 +1,17 @@
-"""Checks deris-jax against numbers produced by the official PyTorch DeRIS.
-
-    python -m deris_jax.parity FIXTURE_DIR [--only REGEX] [--verbose]
+"""Runs the official fixture through deris-jax and compares every tensor it recorded.
 
 A fixture directory (format of ../shared/fixtures/deris_tiny) holds `config.json` (the official
 model configuration), `state_dict.safetensors` (official key names), `inputs.npz` and
-`outputs.npz` (intermediate and final tensors captured from the official forward). This command
-builds the model from config.json (nothing about a particular fixture is hard-coded), converts
-the state dict, runs the forward on the inputs (the whole batch, then each sample alone), and
-compares every tensor of outputs.npz that deris-jax produces: one line per tensor (name,
-shape, max abs error, max rel error, verdict), then a final verdict. Exit status 1 if any
-float tensor is off by more than atol + rtol·|ref| (1e-4 + 1e-4; boxes in pixels: 2e-2) or any
-integer/boolean tensor differs.
+`outputs.npz` (intermediate and final tensors captured from the official forward). The model is
+built from config.json (nothing about a particular fixture is hard-coded), the state dict is
+converted, and the forward runs on the inputs (the whole batch, then each sample alone). A float
+tensor passes within atol + rtol·|ref| (1e-4 + 1e-4; boxes in pixels: 2e-2); an integer or
+boolean tensor must be equal. `python -m deris_jax.parity` prints the comparison.
 """
-import argparse
 import dataclasses
 import json
 import pathlib
 import re
-import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -25,8 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
 from configs import common
+from deris_jax.convert import deris_checkpoint
+from deris_jax.models.deris import build_model
+from deris_jax.parity import fixture_losses
 
 ATOL, RTOL, BOX_ATOL = 1e-4, 1e-4, 2e-2
 
@@ -90,7 +88,6 @@ class Fixture:
 
 def load_fixture(path) -> Fixture:
   """Reads a fixture directory; a missing file is an error naming it."""
-  from safetensors.numpy import load_file
   path = pathlib.Path(path)
   files = ["config.json", "state_dict.safetensors", "inputs.npz", "outputs.npz"]
   missing = [f for f in files if not (path / f).is_file()]
@@ -107,8 +104,6 @@ def load_fixture(path) -> Fixture:
 
 def build_converted_model(fixture: Fixture, model_config=None):
   """A DeRIS built from the fixture config with the fixture's weights converted in."""
-  from deris_jax.convert import deris_checkpoint
-  from deris_jax.models.deris import build_model
   config = model_config or fixture.model_config
   model = build_model(config)
   deris_checkpoint.load_official(model, fixture.state_dict, window_size=config.swin.window_size,
@@ -247,43 +242,11 @@ def run_parity(fixture: Fixture, only: Optional[str] = None) -> Tuple[List[Compa
 
 def _loss_outputs(fixture: Fixture, ours: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Matches and loss values on the fixture's fake targets with its recorded random points."""
-  from deris_jax import fixture_losses
   return fixture_losses.official_loss_outputs(fixture, ours)
 
 
 def not_produced_reason(name: str) -> str:
-  from deris_jax import fixture_losses
   for pattern, reason in fixture_losses.NOT_PRODUCED.items():
     if re.search(pattern, name):
       return reason
   return "no deris-jax counterpart"
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("fixture_dir")
-  parser.add_argument("--only", help="regex: compare only matching tensor names")
-  args = parser.parse_args(argv)
-  fixture = load_fixture(args.fixture_dir)
-  comparisons, skipped = run_parity(fixture, args.only)
-  width = max([len(c.name) for c in comparisons] + [20])
-  print(f"{'tensor':<{width}}  {'shape':<22} {'max_abs':>10} {'max_rel':>10}  verdict")
-  for c in comparisons:
-    verdict = "pass" if c.passed else "FAIL"
-    note = f"  ({c.note})" if c.note else ""
-    print(f"{c.name:<{width}}  {str(c.shape):<22} {c.max_abs:10.3e} {c.max_rel:10.3e}  "
-          f"{verdict}{note}")
-  failed = [c.name for c in comparisons if not c.passed]
-  for name in skipped:
-    print(f"{name:<{width}}  not produced: {not_produced_reason(name)}")
-  worst = max((c.max_abs for c in comparisons if c.is_float), default=0.0)
-  print(f"\n{len(comparisons)} tensors compared, {len(comparisons) - len(failed)} passed, "
-        f"{len(failed)} failed, {len(skipped)} not produced; tolerance atol {ATOL} + rtol {RTOL}"
-        f" (boxes {BOX_ATOL} px), worst float max_abs {worst:.3e}")
-  print("PARITY: PASS" if not failed and comparisons else "PARITY: FAIL")
-  return 0 if not failed and comparisons else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main())

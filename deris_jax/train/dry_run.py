@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from deris_jax import evaluation
+from deris_jax.train import checkpointing
 from deris_jax.train import sharding as S
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
@@ -289,7 +290,6 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
     settings = None  # evaluation.EvalSettings of the loop's evaluations; None: none
     best = None
     if "eval" in config:
-      from deris_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
       best = checkpointing.BestSettings.from_config(config)  # what the loop evaluates
     if best is not None and best.splits:
       # As the loop's periodic evaluation runs it: resolution 'reference', its tau, params as

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from deris_jax import checkpoint as ckpt_lib
+from deris_jax import evaluation
 from deris_jax.train import checkpointing
 from deris_jax.train import input as input_lib
 from deris_jax.train import params as P
@@ -137,7 +138,6 @@ def _evaluate(state, trainer, config, step, report,
               settings: checkpointing.BestSettings) -> Dict[str, Dict[str, Any]]:
   """`deris_jax.evaluation.evaluate` on every split of `config.eval.train_splits` at tau
   `config.eval.train_score_threshold`."""
-  from deris_jax import evaluation  # pylint: disable=g-import-not-at-top
   model = nnx.merge(trainer.graphdef, nnx.State(state.params))
   results = {}
   for split in settings.splits:

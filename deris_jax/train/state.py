@@ -20,7 +20,9 @@ import optax
 from flax import nnx
 
 from deris_jax.models import deris as deris_model
+from deris_jax.train import optimizer as opt_lib
 from deris_jax.train import params as P
+from deris_jax.train import schedule as sched_lib
 from deris_jax.train import sharding as S
 
 
@@ -73,8 +75,6 @@ def init_params_fn(model_config: mlc.ConfigDict) -> Callable[[jax.Array], Any]:
 def make_trainer(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, *, steps_per_epoch: int
                  ) -> Trainer:
   """Builds the optimizer, the abstract state and its shardings (no parameter is allocated)."""
-  from deris_jax.train import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
-  from deris_jax.train import schedule as sched_lib  # pylint: disable=g-import-not-at-top
   patterns = frozen_patterns(config)
   graphdef, _ = nnx.split(deris_model.abstract_model(config.model))
   abstract_params = jax.eval_shape(init_params_fn(config.model), jax.random.key(0))
