@@ -30,11 +30,12 @@ import numpy as np
 from flax import nnx
 
 from configs import common
+from deris_jax import sharding as S
+from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.models.deform_attn import ms_deform_attn_core
 from deris_jax.models.deris import abstract_model
 from deris_jax.train import params as P
-from deris_jax.train import sharding as S
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -135,7 +136,7 @@ def random_params(abstract_params, shardings=None, seed: int = 0):
   """Random parameters shaped like `abstract_params` (a pure dict of ShapeDtypeStructs), made
   by one small jitted program straight into `shardings`: N(0, 0.02), and 1 + N(0, 0.02) for
   normalisation scales, so activations keep a realistic scale."""
-  names = list(P.named_leaves(abstract_params))
+  names = list(trees.named_leaves(abstract_params))
   leaves, treedef = jax.tree.flatten(abstract_params)
 
   def make(key):

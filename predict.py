@@ -235,10 +235,10 @@ class Predictor:
   def __init__(self, model, model_config, score_threshold: float):
     import jax
     from flax import nnx
-    from deris_jax import evaluation, inference
+    from deris_jax import inference
     self._jax, self._inference = jax, inference
     graphdef, self.state = nnx.split(model)
-    self.forward = evaluation.forward_fn(graphdef)
+    self.forward = inference.forward_fn(graphdef)
     self.score_threshold = float(score_threshold)
     self.existence_veto = bool(model_config.existence_veto)
     self.existence_threshold = float(model_config.existence_threshold)

@@ -144,12 +144,12 @@ def train_config(*, epochs: int) -> mlc.ConfigDict:
 
 
 def mesh_config(*, data: int = -1, fsdp: int = 1) -> mlc.ConfigDict:
-  """Device mesh axes (deris_jax.train.sharding); -1 takes the devices left."""
+  """Device mesh axes (deris_jax.sharding); -1 takes the devices left."""
   return mlc.ConfigDict(dict(data=data, fsdp=fsdp))
 
 
 def sharding_config() -> mlc.ConfigDict:
-  """Regex rules -> shardings of the train state (deris_jax.train.sharding)."""
+  """Regex rules -> shardings of the train state (deris_jax.sharding)."""
   return mlc.ConfigDict(dict(
       rules=((".*", "fsdp"),),  # fsdp: largest dimension divisible by the fsdp axis
       fsdp_min_size=2 ** 14,  # smaller leaves are replicated

@@ -1,5 +1,10 @@
 """The evaluation loop shared by eval.py and train.py: forward on every device, metrics on hosts.
 
+Here: the settings (`EvalSettings`, read from `config.eval` and checked against data and
+model) and the loop. The device program is `inference.forward_fn` + `inference.sample_counts`,
+the host side `deris_jax.records`, the placement of batches and parameters
+`deris_jax.sharding`.
+
 Per batch, one jitted forward (batch sharded over every mesh axis, parameters replicated or as
 they come) and one jitted post-processing step run on the devices; only per-sample counts come
 back to the host: for every score threshold tau in (tau, *tau_grid) the intersection and
@@ -28,21 +33,24 @@ groups), and the last incomplete group (real samples followed by padding) is run
 own, on one local device, so padding never enters a group. This is exactly the official
 grouping for any number of devices and processes and any batch size.
 """
+
 import dataclasses
 import json
 import math
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from deris_jax import inference
 from deris_jax import metrics as M
+from deris_jax import records as records_lib
+from deris_jax import sharding as S
+from deris_jax.data import order
 
 RESOLUTIONS = ("reference", "original")
 
@@ -67,6 +75,12 @@ class EvalSettings:
   def taus(self) -> Tuple[float, ...]:
     """What the device step thresholds at: the main tau first, then the grid."""
     return (self.score_threshold,) + self.tau_grid
+
+  def device_args(self) -> Dict[str, Any]:
+    """The keyword arguments of `inference.sample_counts`."""
+    return dict(resolution=self.resolution, taus=self.taus, mask_threshold=self.mask_threshold,
+                existence_threshold=self.existence_threshold,
+                existence_veto=self.existence_veto)
 
 
 def settings_from_config(config: ml_collections.ConfigDict, *, resolution: str = "reference",
@@ -119,408 +133,70 @@ def global_eval_batch(batch_size: int, group_size: int, num_processes: int,
   return -(-batch_size // unit) * unit
 
 
-# ------------------------------------------------------------------------------------------
-# Device steps.
-# ------------------------------------------------------------------------------------------
-_FORWARDS: List[Tuple[Any, Callable]] = []  # (graphdef, jitted forward); GraphDef is unhashable
-
-
-def forward_fn(graphdef) -> Callable:
-  """The jitted inference forward of a model structure, compiled once per structure and shape.
-
-  Returns fn(state, image, image_mini, text_ids, text_padding) ->
-  (pred_masks (B, N, H, W) f32, refer_logits (B, N, 2), existence_logit (B, 1)).
-  """
-  for known, fn in _FORWARDS:
-    if known == graphdef:
-      return fn
-
-  @jax.jit
-  def fn(state, image, image_mini, text_ids, text_padding):
-    out = nnx.merge(graphdef, state)(image, image_mini, text_ids, text_padding, train=False)
-    return out.pred_masks, out.refer_logits, out.existence_logit
-
-  _FORWARDS.append((graphdef, fn))
-  return fn
-
-
-@jax.jit
-def _sample_counts_reference(outputs, targets, taus, mask_threshold, existence_threshold,
-                             existence_veto):
-  return _counts(outputs, targets["gt_mask"].astype(bool), taus, mask_threshold,
-                 existence_threshold, existence_veto)
-
-
-@jax.jit
-def _sample_counts_original(outputs, targets, taus, mask_threshold, existence_threshold,
-                            existence_veto):
-  pred_masks, refer_logits, existence_logit = outputs
-  gt = targets["gt_mask_orig"].astype(bool)  # (B, Hc, Wc)
-  resized = inference.resize_logits_to_canvas(pred_masks, targets["orig_hw"],
-                                              gt.shape[1:])  # (B, N, Hc, Wc)
-  return _counts((resized, refer_logits, existence_logit), gt, taus, mask_threshold,
-                 existence_threshold, existence_veto)
-
-
-def _counts(outputs, gt, taus, mask_threshold, existence_threshold, existence_veto):
-  pred_masks, refer_logits, existence_logit = outputs
-  pixel_scores = inference.score_map(pred_masks, refer_logits,
-                                     mask_threshold=mask_threshold)  # (B, H, W)
-  scores = inference.refer_scores(refer_logits)  # (B, N)
-  existence_prob = jax.nn.sigmoid(existence_logit[:, 0].astype(jnp.float32))  # (B,)
-  # existence_veto is a traced bool so both settings share one program.
-  vetoed = existence_veto & (existence_prob < existence_threshold)  # (B,)
-  pixel_scores = jnp.where(vetoed[:, None, None], -jnp.inf, pixel_scores)  # (B, H, W)
-  taus = taus.astype(jnp.float32)  # (T,)
-  pred = pixel_scores[:, None] > taus[None, :, None, None]  # (B, T, H, W)
-  max_score = jnp.max(scores, axis=1)  # (B,)
-  return dict(
-      intersection=jnp.sum(pred & gt[:, None], axis=(2, 3), dtype=jnp.int32),  # (B, T)
-      pred_area=jnp.sum(pred, axis=(2, 3), dtype=jnp.int32),  # (B, T)
-      gt_area=jnp.sum(gt, axis=(1, 2), dtype=jnp.int32),  # (B,)
-      no_target=~(max_score[:, None] > taus[None]) | vetoed[:, None],  # (B, T)
-      scores=scores,  # (B, N)
-      existence_prob=existence_prob)  # (B,)
-
-
-SAMPLE_COUNTS = {"reference": _sample_counts_reference, "original": _sample_counts_original}
-
-
-def device_targets(batch: Mapping[str, np.ndarray], resolution: str) -> Dict[str, np.ndarray]:
-  """The ground truth the device step needs (the union over instances is taken on the host)."""
-  if resolution == "original":
-    return {"gt_mask_orig": batch["gt_mask_orig"], "orig_hw": batch["orig_hw"]}
-  return {"gt_mask": batch["gt_masks"].max(axis=1)}  # (B, H, W) uint8
-
-
-def sample_counts(outputs, targets, settings: EvalSettings) -> Dict[str, jax.Array]:
-  """Per-sample counts at every tau of `settings.taus` (see `_counts`)."""
-  return SAMPLE_COUNTS[settings.resolution](
-      outputs, targets, jnp.asarray(settings.taus, jnp.float32),
-      jnp.float32(settings.mask_threshold), jnp.float32(settings.existence_threshold),
-      jnp.bool_(settings.existence_veto))
-
-
-# ------------------------------------------------------------------------------------------
-# Meshes and placement.
-# ------------------------------------------------------------------------------------------
-def default_mesh() -> Mesh:
-  """Every device of every process on one 'data' axis."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The batch axis split over every mesh axis."""
-  return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-
-
-def place_state(state, mesh: Mesh):
-  """Parameters on `mesh`: arrays already spread over its devices stay as they are (e.g. FSDP
-  sharded by the trainer), anything else is replicated."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  devices = set(mesh.devices.flat)
-
-  def place(x):
-    if isinstance(x, jax.Array) and set(x.sharding.device_set) == devices:
-      return x
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
-
-  return jax.tree.map(place, state)
-
-
-def local_state_copy(state, device):
-  """A full copy of (possibly sharded) parameters on one local device (tail groups)."""
-  def copy(x):
-    if not x.is_fully_replicated:
-      x = jax.jit(lambda y: y, out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))(x)
-    return jax.device_put(x.addressable_data(0), device)
-
-  return jax.tree.map(copy, state)
-
-
-def _to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  if jax.process_count() == 1:
-    return jax.device_put(local, sharding)
-  return jax.make_array_from_process_local_data(sharding, local)
-
-
-def local_row_indices(global_batch: int, sharding: NamedSharding) -> np.ndarray:
-  """Global batch rows held by this process, ascending (its local batch, in order)."""
-  rows = set()
-  for index in sharding.addressable_devices_indices_map((global_batch,)).values():
-    rows.update(range(*index[0].indices(global_batch)))
-  return np.asarray(sorted(rows), np.int64)
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded array, in global order."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  by_start = {}
-  for shard in x.addressable_shards:
-    by_start.setdefault(shard.index[0].start or 0, shard.data)
-  return np.concatenate([np.asarray(by_start[k]) for k in sorted(by_start)])
-
-
-def check_groups_are_local(global_batch: int, group_size: int, sharding: NamedSharding) -> None:
-  """Every query_SA group of the global batch must lie on one process (see the docstring)."""
-  if group_size <= 1:
-    return
-  rows = local_row_indices(global_batch, sharding)
-  counts = np.bincount(rows // group_size, minlength=global_batch // group_size)
-  split = np.flatnonzero((counts > 0) & (counts < group_size))
-  if split.size:
-    raise ValueError(
-        f"query_SA group {int(split[0])} (compat_group_size {group_size}) spans several "
-        "processes with this mesh's device order: order the mesh devices by process")
-
-
-# ------------------------------------------------------------------------------------------
-# Host side: local evaluation, exact cross-host gathering, results.
-# ------------------------------------------------------------------------------------------
-RECORD_FIELDS = ("example_id", "valid", "gt_no_target", "intersection", "pred_area", "gt_area",
-                 "pred_no_target", "scores", "existence_prob")
-
-
-@dataclasses.dataclass
-class LocalEval:
-  """What one host accumulated: metric states and per-row records (padding rows included,
-  so every host has the same number of rows)."""
-  state: Dict[str, np.ndarray]
-  records: Dict[str, np.ndarray]
-  num_truncated: int
-  num_examples: int
-  index: Any = None  # the split's `pipeline.SplitIndex` (not gathered)
-
-
-def _new_accumulators(settings: EvalSettings):
-  main = M.METRICS[settings.task]()
-  sweep = M.TauSweep(settings.tau_grid, settings.task) if settings.tau_grid else None
-  return main, sweep
-
-
-def _update(accumulator, task: str, counts: Mapping[str, np.ndarray], t: int,
-            gt_no_target: np.ndarray, valid: np.ndarray) -> None:
-  args = (counts["intersection"][:, t], counts["pred_area"][:, t], counts["gt_area"])
-  if task == "gres":
-    accumulator.update_counts(*args, counts["no_target"][:, t], gt_no_target, valid=valid)
-  else:
-    accumulator.update_counts(*args, valid=valid)
-
-
-def _state(main, sweep) -> Dict[str, np.ndarray]:
-  state = {f"main.{k}": v for k, v in main.state().items()}
-  if sweep is not None:
-    state.update({f"sweep.{k}": v for k, v in sweep.state().items()})
-  return state
-
-
-def _real_prefix(valid: np.ndarray) -> int:
-  """Number of real rows; they must come first (the pipeline pads at the end)."""
-  num_real = int(valid.sum())
-  if not valid[:num_real].all():
-    raise ValueError("padding rows (weight 0) are not all at the end of the batch")
-  return num_real
+def _tail_counts(graphdef, params, batch, counts, num_real: int, settings: EvalSettings):
+  """Recomputes the last, incomplete query_SA group (real rows then padding) on its own, on
+  one local device, so that padding never enters a group; writes into `counts`."""
+  rows = slice(num_real - num_real % settings.group_size, num_real)
+  device = jax.local_devices()[0]
+  inputs = [jax.device_put(x[rows], device) for x in inference.model_inputs(batch)]
+  targets = {k: v[rows] for k, v in inference.device_targets(batch, settings.resolution).items()}
+  outputs = inference.forward_fn(graphdef)(S.local_copy(params, device), *inputs)
+  tail = inference.sample_counts(outputs, targets, **settings.device_args())
+  for k, v in tail.items():
+    counts[k][rows] = np.asarray(v)
 
 
 def evaluate_local(graphdef, state, config: ml_collections.ConfigDict, split: str,
                    settings: EvalSettings, *, mesh: Mesh, process_index: int,
-                   process_count: int) -> LocalEval:
+                   process_count: int) -> records_lib.LocalEval:
   """Runs this host's share of `split` (`process_index` of `process_count` data shards)."""
-  from deris_jax.data import order  # pylint: disable=g-import-not-at-top
   from deris_jax.data import pipeline  # TensorFlow: only when a dataset is read
 
-  sharding = batch_sharding(mesh)
   global_batch = global_eval_batch(settings.batch_size, settings.group_size, process_count,
                                    mesh.size)
   rows = order.host_rows(global_batch, process_index, process_count)
-  if jax.process_count() > 1 and not np.array_equal(rows,
-                                                    local_row_indices(global_batch, sharding)):
+  if jax.process_count() > 1 and not np.array_equal(rows, S.process_rows(global_batch, mesh)):
     raise ValueError("the eval mesh does not give each process a contiguous block of the batch "
                      "in process order: order the mesh devices by process")
   pipe = pipeline.make_pipeline(config.data, split, train=False, batch_size=global_batch,
                                 local_rows=rows)
-  device_batch = pipe.per_host_batch * jax.process_count()
-  if device_batch % mesh.size:
-    raise ValueError(f"eval batch {device_batch} does not split over {mesh.size} devices")
-  check_groups_are_local(device_batch, settings.group_size, sharding)
-  forward = forward_fn(graphdef)
-  state = place_state(state, mesh)
-  tail_device = jax.local_devices()[0]
-  tail_state = None
-  main, sweep = _new_accumulators(settings)
-  records = {name: [] for name in RECORD_FIELDS}
+  if pipe.per_host_batch * jax.process_count() % mesh.size:
+    raise ValueError(f"eval batch {pipe.per_host_batch * jax.process_count()} does not split "
+                     f"over {mesh.size} devices")
+  S.check_groups_are_local(global_batch, settings.group_size, mesh)
+  forward = inference.forward_fn(graphdef)
+  params = S.place_state(state, mesh)
+  accumulator = records_lib.Accumulator(settings)
 
-  def dispatch(batch):
-    inputs = [_to_global(batch[k], sharding)
-              for k in ("image", "image_mini", "text_ids", "text_padding_mask")]
-    targets = {k: _to_global(v, sharding) for k, v in
-               device_targets(batch, settings.resolution).items()}
-    return sample_counts(forward(state, *inputs), targets, settings)
+  def dispatch(batch):  # asynchronous: the device works while the host collects
+    inputs = [S.global_array(x, mesh) for x in inference.model_inputs(batch)]
+    targets = {k: S.global_array(v, mesh)
+               for k, v in inference.device_targets(batch, settings.resolution).items()}
+    return batch, inference.sample_counts(forward(params, *inputs), targets,
+                                          **settings.device_args())
 
   def collect(batch, device_counts):
-    nonlocal tail_state
-    counts = {k: np.array(_local_rows(v)) for k, v in device_counts.items()}  # writable copies
-    valid = batch["weight"] > 0  # (B,)
-    num_real = _real_prefix(valid)
-    partial = num_real % settings.group_size
-    if partial and num_real < len(valid):  # the last group mixes real and padding rows
-      rows = slice(num_real - partial, num_real)
-      if tail_state is None:
-        tail_state = local_state_copy(state, tail_device)
-      part = {k: jax.device_put(v[rows], tail_device) for k, v in batch.items()
-              if k in ("image", "image_mini", "text_ids", "text_padding_mask")}
-      tail_targets = {k: v[rows] for k, v in device_targets(batch, settings.resolution).items()}
-      tail = sample_counts(forward(tail_state, part["image"], part["image_mini"],
-                                   part["text_ids"], part["text_padding_mask"]),
-                           tail_targets, settings)
-      for k, v in tail.items():
-        counts[k][rows] = np.asarray(v)
-    gt_no_target = batch["exists"] == 0  # (B,)
-    _update(main, settings.task, counts, 0, gt_no_target, valid)
-    if sweep is not None:
-      for j, accumulator in enumerate(sweep.accumulators):
-        _update(accumulator, settings.task, counts, 1 + j, gt_no_target, valid)
-    for name, value in (("example_id", batch["example_id"]), ("valid", valid),
-                        ("gt_no_target", gt_no_target),
-                        ("intersection", counts["intersection"][:, 0]),
-                        ("pred_area", counts["pred_area"][:, 0]), ("gt_area", counts["gt_area"]),
-                        ("pred_no_target", counts["no_target"][:, 0]),
-                        ("scores", counts["scores"]),
-                        ("existence_prob", counts["existence_prob"])):
-      records[name].append(np.asarray(value))
+    counts = {k: np.array(S.local_rows(v)) for k, v in device_counts.items()}  # writable
+    num_real = int((batch["weight"] > 0).sum())
+    if not (batch["weight"][:num_real] > 0).all():
+      raise ValueError("padding rows (weight 0) are not all at the end of the batch")
+    if num_real % settings.group_size and num_real < len(batch["weight"]):
+      _tail_counts(graphdef, params, batch, counts, num_real, settings)
+    accumulator.add(counts, batch)
 
-  pending = None
-  num_batches = 0
+  pending, num_batches = None, 0
   for batch in pipeline.as_numpy(pipe.dataset):
-    launched = (batch, dispatch(batch))  # asynchronous: overlaps the previous batch's host work
+    launched = dispatch(batch)
     if pending is not None:
       collect(*pending)
-    pending = launched
-    num_batches += 1
+    pending, num_batches = launched, num_batches + 1
   if pending is not None:
     collect(*pending)
   if num_batches != pipe.num_batches:
     raise RuntimeError(f"split '{split}': read {num_batches} batches, the pipeline announced "
                        f"{pipe.num_batches}")
-  stacked = {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in records.items()}
-  return LocalEval(state=_state(main, sweep), records=stacked,
-                   num_truncated=pipe.num_truncated, num_examples=pipe.num_examples,
-                   index=pipe.index)
-
-
-def allgather_exact(arrays: Mapping[str, np.ndarray],
-                    gather: Optional[Callable[[np.ndarray], np.ndarray]] = None
-                    ) -> Dict[str, np.ndarray]:
-  """{name: (P, *shape)}: each host's array stacked over processes, bit-exact.
-
-  `process_allgather` goes through jax arrays, which (without x64) would turn int64 counts and
-  float64 sums into 32-bit values; the raw bytes are gathered instead. Shapes and dtypes must
-  agree across hosts. `gather` replaces `multihost_utils.process_allgather` (tests).
-  """
-  if gather is None:
-    if jax.process_count() == 1:
-      return {k: np.asarray(v)[None] for k, v in arrays.items()}
-    from jax.experimental import multihost_utils
-    gather = multihost_utils.process_allgather
-  out = {}
-  for name, value in arrays.items():
-    value = np.array(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-    raw = value.reshape(-1).view(np.uint8)  # (nbytes,)
-    gathered = np.asarray(gather(raw), np.uint8)  # (P, nbytes)
-    out[name] = gathered.view(value.dtype).reshape((-1,) + value.shape)
-  return out
-
-
-def per_sample_iou(task: str, intersection, pred_area, gt_area, pred_no_target,
-                   gt_no_target) -> np.ndarray:
-  """(S,) float64 IoU of each sample as the metrics count it (metrics.py docstring rules)."""
-  intersection, pred_area, gt_area = (np.asarray(a, np.int64)
-                                      for a in (intersection, pred_area, gt_area))
-  union = pred_area + gt_area - intersection
-  if task == "ris":
-    return np.where(union >= 1, intersection / np.maximum(union, 1), 0.0)
-  kept = np.where(pred_no_target, 0, intersection)  # official "FP": I = 0
-  target_iou = np.where(union > 0, kept / np.maximum(union, 1), 0.0)
-  return np.where(gt_no_target, np.asarray(pred_no_target, np.float64), target_iou)
-
-
-def combine(locals_: Sequence[LocalEval], settings: EvalSettings, *, split: str,
-            expected_samples: int) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-  """Merges the hosts' results: (results dict without timing/protocol, valid records)."""
-  gathered = {k: np.stack([l.state[k] for l in locals_]) for k in locals_[0].state}
-  main = M.METRICS[settings.task].from_state(
-      {k[len("main."):]: v for k, v in gathered.items() if k.startswith("main.")})
-  if main.num_samples != expected_samples:
-    raise RuntimeError(f"split '{split}': counted {main.num_samples} samples, the split has "
-                       f"{expected_samples}")
-  records = {k: np.concatenate([l.records[k] for l in locals_]) for k in RECORD_FIELDS}
-  keep = records.pop("valid").astype(bool)
-  records = {k: v[keep] for k, v in records.items()}
-  in_file_order = np.argsort(records["example_id"], kind="stable")
-  records = {k: v[in_file_order] for k, v in records.items()}
-  if len(np.unique(records["example_id"])) != expected_samples:
-    raise RuntimeError(f"split '{split}': per-sample ids are not the split's {expected_samples} "
-                       "distinct examples")
-  results = {
-      "split": split, "task": settings.task, "resolution": settings.resolution,
-      "score_threshold": settings.score_threshold, "num_samples": main.num_samples,
-      "metrics": main.result(),
-      "extra_metrics": main.extra_result(),  # not reported by the official code
-      "num_truncated_expressions": int(sum(l.num_truncated for l in locals_)),
-  }
-  if settings.tau_grid:
-    sweep_state = {k[len("sweep."):]: v for k, v in gathered.items() if k.startswith("sweep.")}
-    sweep = M.TauSweep.from_state(sweep_state, settings.tau_grid, settings.task)
-    results["tau_sweep"] = {tau: values for tau, values in sweep.result().items()}
-  records["iou"] = per_sample_iou(settings.task, records["intersection"], records["pred_area"],
-                                  records["gt_area"], records["pred_no_target"],
-                                  records["gt_no_target"])
-  return results, records
-
-
-def _gather_local(local: LocalEval) -> List[LocalEval]:
-  """Every host's LocalEval on every host (one exact all-gather)."""
-  arrays = {f"state.{k}": v for k, v in local.state.items()}
-  arrays.update({f"records.{k}": v for k, v in local.records.items()})
-  arrays["meta"] = np.asarray([local.num_truncated, local.num_examples], np.int64)
-  gathered = allgather_exact(arrays)
-  out = []
-  for p in range(gathered["meta"].shape[0]):
-    out.append(LocalEval(
-        state={k[len("state."):]: v[p] for k, v in gathered.items() if k.startswith("state.")},
-        records={k[len("records."):]: v[p] for k, v in gathered.items()
-                 if k.startswith("records.")},
-        num_truncated=int(gathered["meta"][p, 0]), num_examples=int(gathered["meta"][p, 1])))
-  return out
-
-
-def sample_lines(records: Mapping[str, np.ndarray], describe: Callable[[int], Any],
-                 settings: EvalSettings) -> List[Dict[str, Any]]:
-  """Per-sample JSON objects: ids, expression, counts, IoU, scores and the decision."""
-  lines = []
-  for i in range(len(records["example_id"])):
-    info = describe(int(records["example_id"][i]))
-    intersection, pred_area, gt_area = (int(records[k][i])
-                                        for k in ("intersection", "pred_area", "gt_area"))
-    scores = records["scores"][i]
-    lines.append({
-        "example_id": info.example_id, "split": info.split, "image_id": info.image_id,
-        "expression": info.expressions[0], "source": info.source,
-        "num_targets": info.num_targets,
-        "resolution": settings.resolution, "score_threshold": settings.score_threshold,
-        "iou": float(records["iou"][i]),
-        "intersection": intersection, "union": pred_area + gt_area - intersection,
-        "pred_area": pred_area, "gt_area": gt_area,
-        "no_target_predicted": bool(records["pred_no_target"][i]),
-        "no_target_true": bool(records["gt_no_target"][i]),
-        "scores": [round(float(s), 6) for s in scores],
-        "selected_queries": [int(q) for q in np.flatnonzero(scores > np.float32(
-            settings.score_threshold))],
-        "existence_prob": round(float(records["existence_prob"][i]), 6),
-    })
-  return lines
+  return accumulator.result(num_truncated=pipe.num_truncated, num_examples=pipe.num_examples,
+                            index=pipe.index)
 
 
 def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str, *,
@@ -547,12 +223,12 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str, *
   start = time.time()
   settings = settings_from_config(config, resolution=resolution,
                                   score_threshold=score_threshold, tau_sweep=tau_sweep)
-  mesh = default_mesh() if mesh is None else mesh
+  mesh = S.data_mesh() if mesh is None else mesh
   graphdef, state = nnx.split(model)
   local = evaluate_local(graphdef, state, config, split, settings, mesh=mesh,
                          process_index=jax.process_index(), process_count=jax.process_count())
   index = local.index
-  results, records = combine(_gather_local(local), settings, split=split,
+  results, records = records_lib.combine(records_lib.gather_local(local), settings, split=split,
                              expected_samples=index.num_rows)
   global_batch = global_eval_batch(settings.batch_size, settings.group_size,
                                    jax.process_count(), mesh.size)
@@ -566,7 +242,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str, *
   }
   if per_sample_path and jax.process_index() == 0:
     with open(per_sample_path, "w") as f:
-      for line in sample_lines(records, index.describe, settings):
+      for line in records_lib.sample_lines(records, index.describe, settings):
         f.write(json.dumps(line) + "\n")
   results["seconds"] = round(time.time() - start, 3)
   return results

@@ -18,12 +18,19 @@ the logits cover the whole original image.
 
 All functions are pure, shape-static and jit-able; thresholds may be traced scalars, the
 boolean switches must be static.
+
+The device program of an evaluation or a prediction is here too: `forward_fn` (the jitted
+forward of a model structure) and `sample_counts` (per-sample intersection, areas, decisions
+and scores at several taus, the only numbers an evaluation brings back to the host).
 """
-from typing import Dict, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from deris_jax import batch as batch_lib
 
 Threshold = Union[float, jax.Array]
 
@@ -196,3 +203,94 @@ def resize_logits_to_canvas(logits: jax.Array, orig_hw: jax.Array, canvas_hw: Se
   resized = jnp.einsum("bnHw,bWw->bnHW", rows, weights_w, precision=highest)  # (B, N, Hc, Wc)
   inside = canvas_valid_mask(orig_hw, (canvas_h, canvas_w))  # (B, Hc, Wc)
   return jnp.where(inside[:, None], resized, jnp.float32(fill_logit))
+
+
+# ------------------------------------------------------------------------------------------
+# The device program of evaluation and prediction.
+# ------------------------------------------------------------------------------------------
+def model_inputs(batch: Mapping[str, Any]) -> Tuple[Any, ...]:
+  """The forward's positional inputs taken from a pipeline batch, in order."""
+  return tuple(batch[k] for k in batch_lib.MODEL_INPUTS)
+
+
+_FORWARDS: List[Tuple[Any, Callable]] = []  # (graphdef, jitted forward); GraphDef is unhashable
+
+
+def forward_fn(graphdef) -> Callable:
+  """The jitted inference forward of a model structure, compiled once per structure and shape.
+
+  Returns fn(state, image, image_mini, text_ids, text_padding) ->
+  (pred_masks (B, N, H, W) f32, refer_logits (B, N, 2), existence_logit (B, 1)).
+  """
+  for known, fn in _FORWARDS:
+    if known == graphdef:
+      return fn
+
+  @jax.jit
+  def fn(state, image, image_mini, text_ids, text_padding):
+    out = nnx.merge(graphdef, state)(image, image_mini, text_ids, text_padding, train=False)
+    return out.pred_masks, out.refer_logits, out.existence_logit
+
+  _FORWARDS.append((graphdef, fn))
+  return fn
+
+
+@jax.jit
+def _sample_counts_reference(outputs, targets, taus, mask_threshold, existence_threshold,
+                             existence_veto):
+  return _counts(outputs, targets["gt_mask"].astype(bool), taus, mask_threshold,
+                 existence_threshold, existence_veto)
+
+
+@jax.jit
+def _sample_counts_original(outputs, targets, taus, mask_threshold, existence_threshold,
+                            existence_veto):
+  pred_masks, refer_logits, existence_logit = outputs
+  gt = targets["gt_mask_orig"].astype(bool)  # (B, Hc, Wc)
+  resized = resize_logits_to_canvas(pred_masks, targets["orig_hw"],
+                                              gt.shape[1:])  # (B, N, Hc, Wc)
+  return _counts((resized, refer_logits, existence_logit), gt, taus, mask_threshold,
+                 existence_threshold, existence_veto)
+
+
+def _counts(outputs, gt, taus, mask_threshold, existence_threshold, existence_veto):
+  pred_masks, refer_logits, existence_logit = outputs
+  pixel_scores = score_map(pred_masks, refer_logits,
+                                     mask_threshold=mask_threshold)  # (B, H, W)
+  scores = refer_scores(refer_logits)  # (B, N)
+  existence_prob = jax.nn.sigmoid(existence_logit[:, 0].astype(jnp.float32))  # (B,)
+  # existence_veto is a traced bool so both settings share one program.
+  vetoed = existence_veto & (existence_prob < existence_threshold)  # (B,)
+  pixel_scores = jnp.where(vetoed[:, None, None], -jnp.inf, pixel_scores)  # (B, H, W)
+  taus = taus.astype(jnp.float32)  # (T,)
+  pred = pixel_scores[:, None] > taus[None, :, None, None]  # (B, T, H, W)
+  max_score = jnp.max(scores, axis=1)  # (B,)
+  return dict(
+      intersection=jnp.sum(pred & gt[:, None], axis=(2, 3), dtype=jnp.int32),  # (B, T)
+      pred_area=jnp.sum(pred, axis=(2, 3), dtype=jnp.int32),  # (B, T)
+      gt_area=jnp.sum(gt, axis=(1, 2), dtype=jnp.int32),  # (B,)
+      no_target=~(max_score[:, None] > taus[None]) | vetoed[:, None],  # (B, T)
+      scores=scores,  # (B, N)
+      existence_prob=existence_prob)  # (B,)
+
+
+SAMPLE_COUNTS = {"reference": _sample_counts_reference, "original": _sample_counts_original}
+
+
+def device_targets(batch: Mapping[str, np.ndarray], resolution: str) -> Dict[str, np.ndarray]:
+  """The ground truth the device step needs (the union over instances is taken on the host)."""
+  if resolution == "original":
+    return {"gt_mask_orig": batch["gt_mask_orig"], "orig_hw": batch["orig_hw"]}
+  return {"gt_mask": batch["gt_masks"].max(axis=1)}  # (B, H, W) uint8
+
+
+def sample_counts(outputs, targets, *, resolution: str, taus: Sequence[float],
+                  mask_threshold: float, existence_threshold: float,
+                  existence_veto: bool) -> Dict[str, jax.Array]:
+  """Per-sample counts at every tau of `taus` (see `_counts`); `targets` from `device_targets`.
+
+  One compiled program per resolution: the thresholds and the veto switch are traced.
+  """
+  return SAMPLE_COUNTS[resolution](
+      outputs, targets, jnp.asarray(taus, jnp.float32), jnp.float32(mask_threshold),
+      jnp.float32(existence_threshold), jnp.bool_(existence_veto))

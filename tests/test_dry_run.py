@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from deris_jax import batch as batch_lib
 from deris_jax.config_loader import load_config
 from deris_jax.train import dry_run as D
-from deris_jax.train import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "configs" / "deris_micro.py")
@@ -96,12 +96,12 @@ def test_batch_dtypes_are_the_pipeline_contract():
   source = (ROOT / "deris_jax" / "data" / "pipeline.py").read_text()
   doc = ast.get_docstring(ast.parse(source))
   documented = {}
-  for key in step_lib.BATCH_KEYS:
+  for key in batch_lib.TRAIN_KEYS:
     match = re.search(rf"^\s+{key} \([^)]*\) (\w+)", doc, re.M) or re.search(
         rf"; {key} \([^)]*\) (\w+)", doc)
     assert match, f"{key} not documented in the pipeline docstring"
     documented[key] = np.dtype(match.group(1))
-  assert documented == {k: np.dtype(v) for k, v in D.BATCH_DTYPES.items()}
+  assert documented == {k: np.dtype(v) for k, v in batch_lib.DTYPES.items()}
 
 
 def test_data_and_model_disagreement_is_reported_before_anything_is_built():

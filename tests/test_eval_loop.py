@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deris_jax import evaluation, metrics
+from deris_jax import evaluation, inference, metrics
+from deris_jax import records as records_lib
 from deris_jax.data import pipeline
 from tests import eval_helpers as H
 
@@ -90,7 +91,7 @@ def test_two_hosts_merged_equal_one_pass(data_dir, one_device, sweep_run):
   assert [len(h.records["example_id"]) for h in hosts] == [15, 15]
   assert [int((h.records["example_id"] == -1).sum()) for h in hosts] == [1, 5]
   np.testing.assert_array_equal(hosts[1].records["example_id"][:5] % 10**9, np.arange(5, 10))
-  merged, records = evaluation.combine(hosts, settings, split="val",
+  merged, records = records_lib.combine(hosts, settings, split="val",
                                        expected_samples=SPLIT_SIZE)
   single, single_lines = sweep_run
   assert merged["metrics"] == single["metrics"] and merged["tau_sweep"] == single["tau_sweep"]
@@ -99,7 +100,7 @@ def test_two_hosts_merged_equal_one_pass(data_dir, one_device, sweep_run):
   np.testing.assert_array_equal(records["pred_no_target"],
                                 [line["no_target_predicted"] for line in single_lines])
   with pytest.raises(RuntimeError, match="counted 14 samples, the split has 24"):
-    evaluation.combine(hosts[:1], settings, split="val", expected_samples=SPLIT_SIZE)
+    records_lib.combine(hosts[:1], settings, split="val", expected_samples=SPLIT_SIZE)
 
 
 def test_allgather_is_bit_exact_for_64_bit_values():
@@ -109,7 +110,7 @@ def test_allgather_is_bit_exact_for_64_bit_values():
   def through_jax(raw):  # what process_allgather does: jax arrays (x64 off), two hosts
     return np.stack([np.asarray(jnp.asarray(raw))] * 2)
 
-  gathered = evaluation.allgather_exact(state, gather=through_jax)
+  gathered = records_lib.allgather_exact(state, gather=through_jax)
   for name, value in state.items():
     assert gathered[name].dtype == value.dtype
     np.testing.assert_array_equal(gathered[name], np.stack([value, value]))
@@ -158,7 +159,7 @@ def test_groups_are_the_file_order_on_any_number_of_hosts(data_dir, one_device):
   graphdef, state = nnx.split(model)
   hosts = [evaluation.evaluate_local(graphdef, state, config, "val", settings, mesh=one_device,
                                      process_index=p, process_count=2) for p in range(2)]
-  _, records = evaluation.combine(hosts, settings, split="val", expected_samples=SPLIT_SIZE)
+  _, records = records_lib.combine(hosts, settings, split="val", expected_samples=SPLIT_SIZE)
   batch = _val_batches(config)
   offsets = np.asarray(model.offsets[...])
   args = (batch["image"], batch["text_ids"], batch["text_padding_mask"])
@@ -291,18 +292,18 @@ def test_two_resolutions_on_a_known_case():
   base = dict(task="gres", tau_grid=(), mask_threshold=0.5, batch_size=1, group_size=1,
               existence_veto=False, existence_threshold=0.5)
   outputs = (pred, refer, existence)
-  ref = evaluation.sample_counts(outputs, {"gt_mask": gt_ref}, evaluation.EvalSettings(
-      score_threshold=0.5, resolution="reference", **base))
-  orig = evaluation.sample_counts(
+  ref = inference.sample_counts(outputs, {"gt_mask": gt_ref}, **evaluation.EvalSettings(
+      score_threshold=0.5, resolution="reference", **base).device_args())
+  orig = inference.sample_counts(
       outputs, {"gt_mask_orig": gt_orig, "orig_hw": np.asarray([[8, 6]], np.int32)},
-      evaluation.EvalSettings(score_threshold=0.5, resolution="original", **base))
+      **evaluation.EvalSettings(score_threshold=0.5, resolution="original", **base).device_args())
   got = lambda c: tuple(int(np.asarray(c[k]).ravel()[0])
                         for k in ("intersection", "pred_area", "gt_area"))
   assert got(ref) == (4, 8, 4)
   assert got(orig) == (8, 24, 8)
   # At tau 0.1 both queries are selected: the union is the whole image in each resolution.
-  low = lambda r, targets: evaluation.sample_counts(outputs, targets, evaluation.EvalSettings(
-      score_threshold=0.1, resolution=r, **base))
+  low = lambda r, targets: inference.sample_counts(outputs, targets, **evaluation.EvalSettings(
+      score_threshold=0.1, resolution=r, **base).device_args())
   assert got(low("reference", {"gt_mask": gt_ref})) == (4, 16, 4)
   assert got(low("original", {"gt_mask_orig": gt_orig,
                               "orig_hw": np.asarray([[8, 6]], np.int32)})) == (8, 48, 8)

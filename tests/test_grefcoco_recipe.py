@@ -54,7 +54,7 @@ def test_prepare_train_and_eval(manual):
                              "evaluation split 'val' (e.g. image ids [9, 25, 30])")
              for line in lines), prepared.stdout
 
-  data = [f"data.name=grefcoco", f"data.builder_config=deris", f"data.data_dir={data_dir}",
+  data = ["data.name=grefcoco", "data.builder_config=deris", f"data.data_dir={data_dir}",
           f"data.tokenizer_path={spm}", "data.max_instances=2", "data.canvas_size=(64,64)",
           "data.batch_size=2", "data.official_world_size=2", "data.eval_splits=('val',)",
           "data.eval_batch_size=2", "eval.splits=('val',)"]

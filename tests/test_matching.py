@@ -41,6 +41,19 @@ def _unbatch(assignment, b):
   return matching.Assignment(*(np.asarray(field)[b] for field in assignment))
 
 
+def _assert_equals_scipy(cost, valid):
+  """Solves the (B, N, K) batch in one call; each item's assignment and total equal scipy's."""
+  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
+  for b in range(cost.shape[0]):
+    want_total, want_query = _scipy_reference(cost[b], valid[b])
+    one = _unbatch(got, b)
+    _check_consistent(one, valid[b])
+    np.testing.assert_array_equal(one.query_for_target, want_query,
+                                  err_msg=f"item {b}, V={valid[b].sum()}")
+    total = float(matching.assignment_cost(jnp.nan_to_num(cost[b]), one))
+    np.testing.assert_allclose(total, want_total, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_queries", [1, 5, 20])
 def test_random_padded_matrices_match_scipy(num_queries):
   """Kmax = N slots, the number of valid targets running over 0..N, holes in the validity."""
@@ -52,14 +65,7 @@ def test_random_padded_matrices_match_scipy(num_queries):
     count = b % (num_queries + 1)  # 0..N valid targets
     valid[b, rng.choice(num_queries, count, replace=False)] = True
   cost = np.where(valid[:, None, :], cost, np.nan)  # invalid slots hold garbage
-  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
-  for b in range(batch):
-    want_total, want_query = _scipy_reference(cost[b], valid[b])
-    one = _unbatch(got, b)
-    _check_consistent(one, valid[b])
-    np.testing.assert_array_equal(one.query_for_target, want_query)  # tie-free: unique optimum
-    total = float(matching.assignment_cost(jnp.nan_to_num(cost[b]), one))
-    np.testing.assert_allclose(total, want_total, rtol=1e-5, atol=1e-5)
+  _assert_equals_scipy(cost, valid)  # tie-free: the optimum is unique
 
 
 @pytest.mark.parametrize("num_queries,num_targets", [(20, 0), (20, 1), (20, 7), (20, 20), (6, 3)])
@@ -80,13 +86,20 @@ def test_rectangular_matrices_match_scipy(num_queries, num_targets):
     np.testing.assert_allclose(total, want_total, rtol=1e-5)
 
 
-def test_ties_reach_the_optimal_cost():
-  """Small integer costs (many ties): any optimum is fine, its total must equal scipy's."""
-  rng = np.random.default_rng(7)
-  cost = rng.integers(0, 3, size=(200, 10, 6)).astype(np.float32)
-  valid = rng.random((200, 6)) < 0.8
+@pytest.mark.parametrize("case", ["slots_within_queries", "more_slots_than_queries"])
+def test_ties_reach_the_optimal_cost(case):
+  """Small integer costs (many ties): any optimum is fine, its total must equal scipy's; with
+  K <= N, and with K > N and valid counts on both sides of N."""
+  if case == "slots_within_queries":
+    rng = np.random.default_rng(7)
+    cost = rng.integers(0, 3, size=(200, 10, 6)).astype(np.float32)
+    valid = rng.random((200, 6)) < 0.8
+  else:
+    rng = np.random.default_rng(12)
+    cost = rng.integers(0, 3, size=(300, 6, 10)).astype(np.float32)
+    valid = _valid_counts(10, 300, rng)
   got = _solve(jnp.asarray(cost), jnp.asarray(valid))
-  for b in range(200):
+  for b in range(len(cost)):
     want_total, _ = _scipy_reference(cost[b], valid[b])
     one = _unbatch(got, b)
     _check_consistent(one, valid[b])
@@ -161,14 +174,7 @@ def test_more_slots_than_queries_match_scipy(num_queries, num_targets):
   assert ((counts > num_queries) & (counts < num_targets)).any()
   cost = rng.normal(size=(batch, num_queries, num_targets)).astype(np.float32)
   cost = np.where(valid[:, None, :], cost, np.nan)  # invalid slots hold garbage
-  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
-  for b in range(batch):
-    want_total, want_query = _scipy_reference(cost[b], valid[b])
-    one = _unbatch(got, b)
-    _check_consistent(one, valid[b])
-    np.testing.assert_array_equal(one.query_for_target, want_query, err_msg=f"V={counts[b]}")
-    total = float(matching.assignment_cost(jnp.nan_to_num(cost[b]), one))
-    np.testing.assert_allclose(total, want_total, rtol=1e-5, atol=1e-5)
+  _assert_equals_scipy(cost, valid)
 
 
 def test_more_slots_than_queries_unbatched_jit():
@@ -186,19 +192,6 @@ def test_more_slots_than_queries_unbatched_jit():
     np.testing.assert_array_equal(one.query_for_target, want_query, err_msg=f"V={count}")
     np.testing.assert_allclose(float(matching.assignment_cost(cost, one)), want_total,
                                rtol=1e-5)
-
-
-def test_more_slots_than_queries_ties_reach_the_optimal_cost():
-  """Small integer costs (many ties), K > N, V on both sides of N: scipy's total cost."""
-  rng = np.random.default_rng(12)
-  cost = rng.integers(0, 3, size=(300, 6, 10)).astype(np.float32)
-  valid = _valid_counts(10, 300, rng)
-  got = _solve(jnp.asarray(cost), jnp.asarray(valid))
-  for b in range(300):
-    want_total, _ = _scipy_reference(cost[b], valid[b])
-    one = _unbatch(got, b)
-    _check_consistent(one, valid[b])
-    assert float(matching.assignment_cost(cost[b], one)) == want_total
 
 
 def test_more_slots_than_queries_ignore_invalid_slots():

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 
 from configs import deris_tiny
 from deris_jax.parity import check
-from deris_jax.models.deris import DeRIS
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import predict
-from deris_jax import checkpoint, evaluation, inference
+from deris_jax import checkpoint, inference
 from deris_jax.data import pipeline
 from deris_jax.data import pipeline_ops as ops
 from deris_jax.data import synthetic
@@ -122,7 +122,7 @@ def test_mask_is_the_union_of_selected_queries_at_the_image_size(setup, single_r
   text = predict.encode_text(predict.load_tokenizer(config.data), "The red circle!",
                              config.data.max_tokens)
   graphdef, state = nnx.split(model)
-  logits, refer, _ = evaluation.forward_fn(graphdef)(
+  logits, refer, _ = inference.forward_fn(graphdef)(
       state, inputs["image"], inputs["image_mini"], text["text_ids"],
       text["text_padding_mask"])
   scores = np.asarray(inference.refer_scores(refer))[0]

@@ -28,12 +28,13 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from deris_jax import checkpoint as ckpt_lib
+from deris_jax import sharding as S
+from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.data import prepare
 from deris_jax.train import checkpointing
 from deris_jax.train import loop
 from deris_jax.train import params as P
-from deris_jax.train import sharding as S
 from deris_jax.train import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def setup(tmp_path_factory):
   config = _micro_config(data_dir)
   abstract = jax.eval_shape(state_lib.init_params_fn(config.model), jax.random.key(0))
   rng = np.random.default_rng(0)
-  params = P.map_with_names(
+  params = trees.map_with_names(
       lambda name, leaf: ((1.0 if name.endswith("scale") else 0.0)
                           + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), abstract)
   init_dir = root / "init"
@@ -383,11 +384,12 @@ import os, signal, sys, pathlib
 import jax, numpy as np
 sys.path.insert(0, {root!r})
 from deris_jax.config_loader import load_config
-from deris_jax.train import checkpointing, sharding as S, state as state_lib, params as P
+from deris_jax import sharding as S, trees
+from deris_jax.train import checkpointing, state as state_lib
 config = load_config({config!r})
 trainer = state_lib.make_trainer(config, S.make_mesh(config.mesh), steps_per_epoch=9)
 abstract = trainer.abstract_state.params
-params = P.map_with_names(lambda n, a: np.full(a.shape, float(len(n)), a.dtype), abstract)
+params = trees.map_with_names(lambda n, a: np.full(a.shape, float(len(n)), a.dtype), abstract)
 state = state_lib.init_state(trainer, 0, params=params)
 ckpt = checkpointing.Checkpointer({directory!r}, keep=3, async_save=True)
 ckpt.save(state, config=config, data_position=dict(epoch=0, batch=1))
@@ -416,7 +418,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path):
   assert ckpt.all_steps() == [0]
   state, meta = ckpt.restore(trainer)
   assert int(state.step) == 0 and meta["data"]["batch"] == 1
-  for name, value in P.named_leaves(state.params).items():
+  for name, value in trees.named_leaves(state.params).items():
     np.testing.assert_array_equal(np.asarray(value), float(len(name)), err_msg=name)
   assert not [p for p in directory.iterdir() if "tmp" in p.name]  # cleaned up on open
   ckpt.save(state.replace(step=state.step + 1), config=config, data_position={})

@@ -7,6 +7,7 @@ import pytest
 
 from configs import common
 from deris_jax import losses
+from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.train import optimizer as opt_lib
 from deris_jax.train import params as P
@@ -100,10 +101,10 @@ def test_frozen_parameters_get_no_optimizer_state_and_groups_follow_the_rules():
             "pixel_decoder": {"k": jnp.ones((4,))}}
   config = common.optimizer_config()
   trainable, frozen = P.split_frozen(params, config.frozen)
-  assert P.named_leaves(frozen).keys() == {"swin.a"}
+  assert trees.named_leaves(frozen).keys() == {"swin.a"}
   assert P.merge_trees(trainable, frozen) == params
   state = opt_lib.build_optimizer(config, lambda s: 1e-4, trainable).init(trainable)
-  assert not any("swin" in name for name in P.named_leaves(state))
+  assert not any("swin" in name for name in trees.named_leaves(state))
   assert opt_lib.param_groups(params, config) == {
       "swin.a": "frozen", "beit3.x.0": "lr x0.5", "pixel_decoder.k": "lr x1"}
 
@@ -112,7 +113,7 @@ def test_param_groups_of_deris_b_match_the_reference_counts():
   """§9 groups with the §1 measured sizes: BEiT-3 220.99 M at lr/2, Swin 48.84 M frozen."""
   config = load_config("configs/deris_b_refcoco.py")
   abstract = jax.eval_shape(state_lib.init_params_fn(config.model), jax.random.key(0))
-  sizes = {name: int(np.prod(leaf.shape)) for name, leaf in P.named_leaves(abstract).items()}
+  sizes = {name: int(np.prod(leaf.shape)) for name, leaf in trees.named_leaves(abstract).items()}
   totals = {}
   for name, group in opt_lib.param_groups(abstract, config.optimizer).items():
     totals[group] = totals.get(group, 0) + sizes[name]

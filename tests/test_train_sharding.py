@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 
+from deris_jax import sharding as S
+from deris_jax import trees
 from deris_jax.config_loader import load_config
-from deris_jax.train import params as P
-from deris_jax.train import sharding as S
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -51,7 +51,7 @@ def host_params(config, seed: int = 0):
     base = 1.0 if name.endswith("scale") else 0.0
     return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
-  return P.map_with_names(make, abstract)
+  return trees.map_with_names(make, abstract)
 
 
 def host_batches(config, num_steps: int, seed: int = 0):
@@ -100,7 +100,7 @@ def run_steps(config, mesh, params, batches):
 
 
 def _flat(tree):
-  return {k: np.asarray(v) for k, v in P.named_leaves(tree).items()}
+  return {k: np.asarray(v) for k, v in trees.named_leaves(tree).items()}
 
 
 def _assert_same(got_losses, got_params, want_losses, want_params, what):
@@ -159,7 +159,7 @@ def test_sharded_step_equals_single_device(reference, mesh_shape):
 
 
 def _flat_arrays(tree):
-  return P.named_leaves(tree)
+  return trees.named_leaves(tree)
 
 
 def _with_device_count(xla_flags: str, count: int) -> str:

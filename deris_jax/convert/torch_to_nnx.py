@@ -17,7 +17,7 @@ model built with `nnx.eval_shape` before any weight is read.
 """
 import dataclasses
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np

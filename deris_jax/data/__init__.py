@@ -9,5 +9,5 @@ need it (builders, pipeline), and only inside this package.
   text, tokenizer, nsc                  expression cleaning, XLM-R ids, NSC
   order                                 which rows each batch holds (sampler, file order; numpy)
   pipeline_ops, pipeline                tf.data: `pipeline.make_pipeline` (the batch contract)
-  prepare, benchmark                    `python -m deris_jax.data.prepare|benchmark`
+  prepare                               `python -m deris_jax.data.prepare`
 """

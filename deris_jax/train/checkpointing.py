@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from deris_jax import checkpoint as ckpt_lib
 from deris_jax import metrics as metrics_lib
+from deris_jax import trees
 from deris_jax.train import params as P
 from deris_jax.train.state import Trainer, TrainState
 
@@ -46,13 +47,13 @@ def _abstract_with_shardings(abstract_tree, shardings):
 
 def _named_tree(tree) -> Dict[str, Any]:
   """Any pytree -> nested dict keyed by its path names (what Orbax stores)."""
-  return ckpt_lib.unflatten(P.named_leaves(tree))
+  return ckpt_lib.unflatten(trees.named_leaves(tree))
 
 
 def _from_named_tree(named: Dict[str, Any], like, *, item: str):
   """Inverse of `_named_tree` given a tree of the wanted structure."""
   flat = ckpt_lib.flatten_tree(named)
-  names = P.named_leaves(like)
+  names = trees.named_leaves(like)
   missing = sorted(set(names) - set(flat))
   if missing:
     raise ckpt_lib.CheckpointError(f"checkpoint item '{item}' lacks {len(missing)} entries "

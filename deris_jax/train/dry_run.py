@@ -11,7 +11,7 @@ in the model or the loss) would only fail after that. The dry run builds, abstra
      loop's batch sharding) at the global train batch and the global eval batch
   -> the jitted train step (`step.jit_train_step`) and, when the loop evaluates during
      training (`checkpointing.BestSettings`: eval.train_splits), the evaluation's forward and
-     per-sample counts (`evaluation.forward_fn`, `evaluation.sample_counts`), lowered and
+     per-sample counts (`inference.forward_fn`, `inference.sample_counts`), lowered and
      (by default) compiled on those abstract arguments
   -> a `DryRunReport`: mesh, batches, parameter and optimizer-state sizes, and per program
      the lowering and compile time and XLA's memory estimate per device
@@ -32,23 +32,14 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
+from deris_jax import batch as batch_lib
 from deris_jax import evaluation
+from deris_jax import inference
+from deris_jax import sharding as S
 from deris_jax.train import checkpointing
-from deris_jax.train import sharding as S
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
-# The dtypes of a tf.data batch (deris_jax/data/pipeline.py docstring), per `step.BATCH_KEYS`.
-BATCH_DTYPES = {
-    "image": jnp.float32,  # (B, H, W, 3), data.image_size
-    "image_mini": jnp.float32,  # (B, h, w, 3), data.cognition_image_size
-    "text_ids": jnp.int32,  # (B, L), data.max_tokens
-    "text_padding_mask": jnp.int32,  # (B, L), 1 = padding
-    "gt_masks": jnp.uint8,  # (B, K, H, W), K = data.max_instances
-    "gt_valid": jnp.bool_,  # (B, K)
-    "exists": jnp.int32,  # (B,)
-    "weight": jnp.float32,  # (B,)
-}
 # The config sections `loop.train` reads.
 TRAIN_SECTIONS = ("model", "data", "loss", "optimizer", "schedule", "train", "mesh", "sharding")
 # The learning-rate schedule needs steps per epoch, which needs the prepared dataset; the dry
@@ -173,7 +164,7 @@ def check_data_model(config: mlc.ConfigDict) -> List[str]:
 
 def batch_devices(mesh: jax.sharding.Mesh) -> int:
   """How many devices share the batch (the data x fsdp axes)."""
-  return math.prod(mesh.shape[a] for a in S.BATCH_AXES)
+  return mesh.size
 
 
 def check_batch_divides(global_batch: int, mesh: jax.sharding.Mesh, field: str) -> int:
@@ -184,29 +175,6 @@ def check_batch_divides(global_batch: int, mesh: jax.sharding.Mesh, field: str) 
         f"config {field} {global_batch} does not split over the {n} batch devices of the mesh "
         f"(data={mesh.shape[S.DATA]}, fsdp={mesh.shape[S.FSDP]}): use a multiple of {n}")
   return global_batch // n
-
-
-def batch_shapes(data_config: mlc.ConfigDict, global_batch: int) -> Dict[str, tuple]:
-  """Global shape of every `step.BATCH_KEYS` entry at the data config's sizes."""
-  b = global_batch
-  h, w = (int(x) for x in data_config.image_size)
-  hc, wc = (int(x) for x in data_config.cognition_image_size)
-  length, k = int(data_config.max_tokens), int(data_config.max_instances)
-  shapes = dict(image=(b, h, w, 3), image_mini=(b, hc, wc, 3), text_ids=(b, length),
-                text_padding_mask=(b, length), gt_masks=(b, k, h, w), gt_valid=(b, k),
-                exists=(b,), weight=(b,))
-  if set(shapes) != set(step_lib.BATCH_KEYS) or set(BATCH_DTYPES) != set(step_lib.BATCH_KEYS):
-    raise RuntimeError(f"dry_run.batch_shapes knows {sorted(shapes)} but the train step reads "
-                       f"{sorted(step_lib.BATCH_KEYS)}: update deris_jax/train/dry_run.py")
-  return shapes
-
-
-def abstract_batch(data_config: mlc.ConfigDict, global_batch: int,
-                   sharding: jax.sharding.Sharding,
-                   keys: Sequence[str] = step_lib.BATCH_KEYS) -> Dict[str, jax.ShapeDtypeStruct]:
-  """ShapeDtypeStructs of a pipeline batch (the dtypes tf.data produces), batch-sharded."""
-  shapes = batch_shapes(data_config, global_batch)
-  return {k: jax.ShapeDtypeStruct(shapes[k], BATCH_DTYPES[k], sharding=sharding) for k in keys}
 
 
 def abstract_state(trainer: state_lib.Trainer) -> state_lib.TrainState:
@@ -329,7 +297,7 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
     report.device_memory_limit = device_memory_limit()
 
     stage = "train step"
-    batch = abstract_batch(config.data, report.global_batch, S.batch_sharding(mesh))
+    batch = batch_lib.abstract(config.data, report.global_batch, S.batch_sharding(mesh))
     report.programs.append(_lower(
         stage, step_lib.jit_train_step(trainer), (abstract_state(trainer), batch),
         report.global_batch, {k: v.shape for k, v in batch.items()}, compile, progress))
@@ -343,13 +311,13 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
       report.checks.append(
           f"eval.batch_size {settings.batch_size} -> global eval batch {b} (query_SA groups "
           f"of {settings.group_size}, {jax.process_count()} process(es), {mesh.size} device(s))")
-      sharding = evaluation.batch_sharding(mesh)
-      inputs = abstract_batch(config.data, b, sharding, keys=step_lib.MODEL_INPUTS)
+      sharding = S.batch_sharding(mesh)
+      inputs = batch_lib.abstract(config.data, b, sharding, keys=batch_lib.MODEL_INPUTS)
 
       stage = "eval forward"
-      forward = _lower(stage, evaluation.forward_fn(trainer.graphdef),
+      forward = _lower(stage, inference.forward_fn(trainer.graphdef),
                        (nnx.State(abstract_state(trainer).params),
-                        *(inputs[k] for k in step_lib.MODEL_INPUTS)),
+                        *(inputs[k] for k in batch_lib.MODEL_INPUTS)),
                        b, {k: v.shape for k, v in inputs.items()}, compile, progress)
       report.programs.append(forward)
 
@@ -360,7 +328,7 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
       h, w = (int(x) for x in config.data.image_size)
       targets = {"gt_mask": jax.ShapeDtypeStruct((b, h, w), jnp.uint8,
                                                  sharding=sharding)}  # (B, H, W) GT union
-      counts = jax.jit(lambda o, t: evaluation.sample_counts(o, t, settings))
+      counts = jax.jit(lambda o, t: inference.sample_counts(o, t, **settings.device_args()))
       report.programs.append(_lower(stage, counts, (outputs, targets), b,
                                     {"gt_mask": (b, h, w)}, compile, progress))
     else:

@@ -17,8 +17,8 @@ from typing import Callable, Dict, Iterator, Tuple
 import ml_collections as mlc
 import numpy as np
 
+from deris_jax import batch as batch_lib
 from deris_jax.data import order as order_lib
-from deris_jax.train import step as step_lib
 
 
 def steps_per_epoch(data_config: mlc.ConfigDict, global_batch: int) -> Tuple[int, int]:
@@ -100,7 +100,7 @@ class TrainInput:
                          f"was planned with {self.steps_per_epoch} per epoch")
     self.open_seconds += time.perf_counter() - t0
     for batch in pipeline.as_numpy(data.dataset):
-      yield {k: batch[k] for k in step_lib.BATCH_KEYS}
+      yield {k: batch[k] for k in batch_lib.TRAIN_KEYS}
 
   def batches(self, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
     """Local batches of steps start_step, start_step + 1, ... (endless)."""

@@ -25,11 +25,12 @@ from flax import nnx
 
 from deris_jax import checkpoint as ckpt_lib
 from deris_jax import evaluation
+from deris_jax import sharding as S
+from deris_jax import trees
 from deris_jax.train import checkpointing
 from deris_jax.train import input as input_lib
 from deris_jax.train import params as P
 from deris_jax.train import reporting
-from deris_jax.train import sharding as S
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -100,7 +101,7 @@ def load_init_params(directory, trainer: state_lib.Trainer, report) -> Optional[
   """
   tree, meta = ckpt_lib.restore_params(directory)
   flat = ckpt_lib.flatten_tree(tree)
-  expected = P.named_leaves(trainer.abstract_state.params)
+  expected = trees.named_leaves(trainer.abstract_state.params)
   unknown = sorted(set(flat) - set(expected))
   if unknown:
     raise ckpt_lib.CheckpointError(
@@ -120,9 +121,9 @@ def _init_state(trainer, config, init_from, report):
   if init_from is None:
     return state_lib.init_state(trainer, config.train.seed)
   flat = load_init_params(init_from, trainer, report)
-  expected = P.named_leaves(trainer.abstract_state.params)
+  expected = trees.named_leaves(trainer.abstract_state.params)
   if len(flat) < len(expected):  # a partial checkpoint (e.g. backbones only)
-    current = P.named_leaves(state_lib.fresh_params(trainer, config.train.seed))
+    current = trees.named_leaves(state_lib.fresh_params(trainer, config.train.seed))
     missing = len(expected) - len(flat)
     report.log(f"init_from: {missing} parameters missing from the checkpoint keep their "
                "official initialisation")

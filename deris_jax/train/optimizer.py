@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
+from deris_jax import trees
 from deris_jax.train import params as P
 
 TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (norm + 1e-6)
@@ -114,7 +115,7 @@ def param_groups(params, opt_config: mlc.ConfigDict) -> Dict[str, str]:
   """{parameter name: 'frozen' | 'lr x{multiplier}'}: who is trained at which rate."""
   return {name: ("frozen" if P.matches_any(name, opt_config.frozen)
                  else f"lr x{lr_multiplier(name, opt_config):g}")
-          for name in P.named_leaves(params)}
+          for name in trees.named_leaves(params)}
 
 
 _OPTIMIZERS = ("adam",)
@@ -133,7 +134,7 @@ def build_optimizer(opt_config: mlc.ConfigDict, schedule: Callable[[jax.Array], 
   if opt_config.name not in _OPTIMIZERS:
     raise ValueError(f"unknown optimizer '{opt_config.name}' (config optimizer.name); known: "
                      f"{_OPTIMIZERS}")
-  multipliers = P.map_with_names(lambda name, _: lr_multiplier(name, opt_config),
+  multipliers = trees.map_with_names(lambda name, _: lr_multiplier(name, opt_config),
                                  trainable_params)
   chain = []
   if opt_config.clip_norm:

@@ -1,41 +1,18 @@
-"""Parameter trees of the train state: names, the trainable/frozen split, checkpoint layout.
+"""Parameter trees of the train state: the trainable/frozen split and the checkpoint layout.
 
 The train state holds the model parameters as the NNX pure dict (`nnx.to_pure_dict` of
 `nnx.state(model, nnx.Param)`): nested dicts whose keys are attribute names (str) and list
 indices (int), so `nnx.merge(graphdef, nnx.State(params))` rebuilds the model. A parameter's
 *name* joins its path with dots ('decoder.query_SA.0.norm.scale'), the form the regex rules
-of the optimizer and sharding match and the `params` item of a checkpoint uses
+of the optimizer and sharding match (`deris_jax.trees`) and the `params` item of a checkpoint uses
 (`deris_jax.checkpoint`: nested dicts with string keys).
 """
 import re
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
-import jax
 from flax import nnx
 
 Tree = Dict[Any, Any]
-
-
-def _key_name(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def path_name(path) -> str:
-  """A jax key path -> 'a.b.0.c'."""
-  return ".".join(_key_name(entry) for entry in path)
-
-
-def named_leaves(tree) -> Dict[str, Any]:
-  """{dotted name: leaf} of any pytree (dicts, lists, NamedTuples, dataclasses)."""
-  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def map_with_names(fn: Callable[[str, Any], Any], tree):
-  """tree_map whose function also receives the leaf's dotted name."""
-  return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_name(path), leaf), tree)
 
 
 def model_params(model: nnx.Module) -> Tree:

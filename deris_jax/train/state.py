@@ -19,11 +19,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from deris_jax import sharding as S
 from deris_jax.models import deris as deris_model
 from deris_jax.train import optimizer as opt_lib
 from deris_jax.train import params as P
 from deris_jax.train import schedule as sched_lib
-from deris_jax.train import sharding as S
 
 
 @flax.struct.dataclass

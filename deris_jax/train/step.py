@@ -20,15 +20,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from deris_jax import batch as batch_lib
 from deris_jax import losses
+from deris_jax import sharding as S
 from deris_jax.train import optimizer as opt_lib
 from deris_jax.train import params as P
-from deris_jax.train import sharding as S
 from deris_jax.train.state import Trainer, TrainState
 
-MODEL_INPUTS = ("image", "image_mini", "text_ids", "text_padding_mask")
-TARGETS = ("gt_masks", "gt_valid", "exists", "weight")
-BATCH_KEYS = MODEL_INPUTS + TARGETS  # what the step reads from a pipeline batch
 
 def model_loss_inputs(out) -> Dict[str, jax.Array]:
   """The `DerisOutput` fields `losses.deris_loss` reads."""
@@ -43,15 +41,15 @@ def make_loss_fn(trainer: Trainer) -> Callable:
 
   def forward(params, inputs, dropout_key):
     model = nnx.merge(trainer.graphdef, nnx.State(params))
-    out = model(*(inputs[k] for k in MODEL_INPUTS), train=True,
+    out = model(*(inputs[k] for k in batch_lib.MODEL_INPUTS), train=True,
                 rngs=nnx.Rngs(dropout=dropout_key))
     return model_loss_inputs(out)
 
   def loss_fn(trainable, frozen, batch, key):
     dropout_key, loss_key = jax.random.split(key)
-    outputs = forward(P.merge_trees(trainable, frozen), {k: batch[k] for k in MODEL_INPUTS},
-                      dropout_key)
-    targets = {k: batch[k] for k in TARGETS}
+    inputs = {k: batch[k] for k in batch_lib.MODEL_INPUTS}
+    outputs = forward(P.merge_trees(trainable, frozen), inputs, dropout_key)
+    targets = {k: batch[k] for k in batch_lib.TARGETS}
     return losses.deris_loss(outputs, targets, loss_key, config=config.loss)
 
   return loss_fn

@@ -1,4 +1,7 @@
-"""The device mesh (axes `data`, `fsdp`) and the shardings of the train state and the batch.
+"""Meshes, shardings and batch placement: the one home for how arrays meet devices.
+
+Used by training (mesh, state and batch shardings), evaluation (per-process rows, placement of
+parameters, the gather of per-sample results), bench.py and the predictor.
 
 Config `mesh`: sizes of the two axes; -1 takes the devices left (one axis at most).
 Config `sharding.rules`: (regex, spec) pairs matched with re.search against the dotted name of
@@ -9,8 +12,9 @@ every train-state leaf ('params.beit3.encoder.layers.3.ffn.fc1.kernel',
   'replicate'  every device holds all of it
   a tuple      a PartitionSpec per dimension, e.g. (None, 'fsdp')
 Optimizer moments have the names of their parameters inside, so the default rule
-`('.*', 'fsdp')` shards each moment exactly like its parameter. The batch is split over both
-axes (`data` x `fsdp` devices share the global batch).
+`('.*', 'fsdp')` shards each moment exactly like its parameter. The batch is split over every
+axis of the mesh (`data` x `fsdp` devices share the global batch); each process holds the rows
+of its devices (`process_rows`), in global order.
 """
 import math
 import re
@@ -21,10 +25,9 @@ import ml_collections as mlc
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deris_jax.train import params as P
+from deris_jax import trees
 
 DATA, FSDP = "data", "fsdp"
-BATCH_AXES = (DATA, FSDP)
 
 
 def mesh_shape(mesh_config: mlc.ConfigDict, num_devices: int) -> tuple:
@@ -95,12 +98,12 @@ def tree_shardings(abstract_tree, mesh: Mesh, sharding_config: mlc.ConfigDict, p
   def one(name, leaf):
     full = f"{prefix}{name}" if name else prefix.rstrip(".")
     return NamedSharding(mesh, leaf_spec(full, np.shape(leaf), mesh, sharding_config))
-  return P.map_with_names(one, abstract_tree)
+  return trees.map_with_names(one, abstract_tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The leading (batch) axis split over data x fsdp; the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+  """The leading (batch) axis split over every mesh axis (data x fsdp); the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -129,3 +132,61 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   with jax.transfer_guard_host_to_device("allow"):
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def data_mesh(devices: Sequence[Any] = None) -> Mesh:
+  """Every device (default: of every process) on one `data` axis: evaluation's default mesh."""
+  return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (DATA,))
+
+
+def global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
+  """One array of this process's rows -> a global array sharded like `batch_sharding`."""
+  with jax.transfer_guard_host_to_device("allow"):
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(local))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in global order (`global_array` inverted)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  by_start = {}
+  for shard in x.addressable_shards:
+    by_start.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(by_start[k]) for k in sorted(by_start)])
+
+
+def check_groups_are_local(global_batch: int, group_size: int, mesh: Mesh) -> None:
+  """Every group of `group_size` consecutive rows must lie on one process (query_SA groups)."""
+  if group_size <= 1:
+    return
+  rows = process_rows(global_batch, mesh)
+  counts = np.bincount(rows // group_size, minlength=global_batch // group_size)
+  split = np.flatnonzero((counts > 0) & (counts < group_size))
+  if split.size:
+    raise ValueError(
+        f"query_SA group {int(split[0])} (compat_group_size {group_size}) spans several "
+        "processes with this mesh's device order: order the mesh devices by process")
+
+
+def place_state(state, mesh: Mesh):
+  """Parameters on `mesh`: arrays already spread over its devices stay as they are (e.g. FSDP
+  sharded by the trainer), anything else is replicated."""
+  devices = set(mesh.devices.flat)
+
+  def place(x):
+    if isinstance(x, jax.Array) and set(x.sharding.device_set) == devices:
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
+
+  return jax.tree.map(place, state)
+
+
+def local_copy(state, device):
+  """A full copy of (possibly sharded) parameters on one local device."""
+  def copy(x):
+    if not x.is_fully_replicated:
+      x = jax.jit(lambda y: y, out_shardings=replicated(x.sharding.mesh))(x)
+    return jax.device_put(x.addressable_data(0), device)
+
+  return jax.tree.map(copy, state)
