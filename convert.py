@@ -17,7 +17,7 @@ import pathlib
 import sys
 import time
 
-from deris_jax import checkpoint
+from deris_jax import checkpoints
 from deris_jax.config_loader import load_config
 from deris_jax.convert import deris_checkpoint, pretrained, readers, torch_to_nnx
 
@@ -34,7 +34,7 @@ def convert_deris(args) -> int:
   params, plan = deris_checkpoint.convert_state_dict(readers.read_checkpoint(src), config.model,
                                                      source=src.name)
   digest = readers.sha256(src)
-  out = checkpoint.save_params(
+  out = checkpoints.save_params(
       args.out, params,
       metadata={"kind": "converted", "source": str(src), "sha256": digest,
                 "loaded": len(plan.assignments), "dropped": plan.dropped,
@@ -63,7 +63,7 @@ def convert_pretrained(args) -> int:
   del arrays
   sources = {role: {"path": str(path), "sha256": digests[role],
                     "keys": plan.sources[role].num_keys} for role, path in files.items()}
-  out = checkpoint.save_params(
+  out = checkpoints.save_params(
       args.out, params,
       metadata={"kind": "pretrained", "sources": sources, "seed": args.seed,
                 "config": config.to_dict(), **pretrained.metadata(plan)})
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     return args.run(args)
-  except (readers.CheckpointError, torch_to_nnx.ConversionError, checkpoint.CheckpointError,
-          FileNotFoundError) as e:
+  except (checkpoints.CheckpointError, torch_to_nnx.ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
 

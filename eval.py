@@ -97,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   if args.distributed:
     jax.distributed.initialize()
   from configs import eval_common
-  from deris_jax import checkpoint, evaluation
+  from deris_jax import checkpoints, evaluation
   from deris_jax.config_loader import load_config
   lead = jax.process_index() == 0
   try:
@@ -120,9 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from deris_jax.data import pipeline  # TensorFlow (the input pipeline)
     for split in splits:  # every split is prepared and known before anything runs
       pipeline.open_split(config.data, split)
-    directory = checkpoint.resolve(args.checkpoint, args.which)
-    step = checkpoint.latest_step(directory) if args.step is None else args.step
-    model, meta = checkpoint.load_model(directory, config.model, step)
+    directory = checkpoints.resolve(args.checkpoint, args.which)
+    step = checkpoints.latest_step(directory) if args.step is None else args.step
+    model, meta = checkpoints.load_model(directory, config.model, step)
   except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError) as e:
     print(f"error: {e}", file=sys.stderr)  # config, override or checkpoint
     return 1

@@ -344,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="config override, e.g. model.existence_veto=True")
   args = parser.parse_args(argv)
 
-  from deris_jax import checkpoint
+  from deris_jax import checkpoints
   from deris_jax.config_loader import load_config
   try:
     config = load_config(args.config, args.override)
@@ -355,9 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0.0 <= tau < 1.0:
       raise PredictError(f"--score_threshold {tau} must be in [0, 1)")
     pairs = prepare_inputs(read_pairs(args), config.data, load_tokenizer(config.data))
-    directory = checkpoint.resolve(args.checkpoint, args.which)
-    model, _ = checkpoint.load_model(directory, config.model, args.step)
-  except (PredictError, checkpoint.CheckpointError, FileNotFoundError, KeyError,
+    directory = checkpoints.resolve(args.checkpoint, args.which)
+    model, _ = checkpoints.load_model(directory, config.model, args.step)
+  except (PredictError, checkpoints.CheckpointError, FileNotFoundError, KeyError,
           TypeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

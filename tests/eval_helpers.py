@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from configs import data_common, deris_tiny, eval_common
-from deris_jax import checkpoint
+from deris_jax import checkpoints
 from deris_jax.convert import deris_checkpoint
 from deris_jax.data import prepare
 
@@ -68,7 +68,7 @@ def write_config_file(path: pathlib.Path, data_dir: str) -> str:
 
 def write_train_like_checkpoint(directory: pathlib.Path, state_dict, config) -> str:
   params, _ = deris_checkpoint.convert_state_dict(state_dict, config.model, source="fixture")
-  with checkpoint.manager(directory) as mngr:
+  with checkpoints.manager(directory, create=True) as mngr:
     mngr.save(TRAIN_STEP, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({"kind": "train", "config": config.to_dict(),

@@ -1,5 +1,5 @@
-"""The best-on-val rule and its config: `checkpointing.BestTracker`, `BestSettings`,
-`configs/eval_common.py`'s training-eval fields, and `checkpoint.resolve` (`--which best`).
+"""The best-on-val rule and its config: `best_lib.BestTracker`, `BestSettings`,
+`configs/eval_common.py`'s training-eval fields, and `checkpoints.resolve` (`--which best`).
 
 Pure functions and small Orbax directories: nothing is compiled. The training loop's use of
 them (a real run, resume, eval.py / predict.py on its best) is in test_train_loop.py.
@@ -13,14 +13,14 @@ import pytest
 
 from configs import deris_b_grefcoco, deris_b_refcoco, deris_l_grefcoco, deris_l_refcoco
 from configs import deris_micro, synthetic
-from deris_jax import checkpoint as ckpt_lib
-from deris_jax.train import checkpointing
+from deris_jax import checkpoints
+from deris_jax.train import best as best_lib
 
 NAN = float("nan")
 
 
 def _settings(start_epoch=0, splits=("val",), metric="cIoU", tau=0.7):
-  return checkpointing.BestSettings(splits=tuple(splits), score_threshold=tau, metric=metric,
+  return best_lib.BestSettings(splits=tuple(splits), score_threshold=tau, metric=metric,
                                     aggregate="mean", start_epoch=start_epoch)
 
 
@@ -44,7 +44,7 @@ SEQUENCE = [
 
 
 def test_tracker_follows_the_official_rule_with_ties_nan_and_a_start_epoch():
-  tracker = checkpointing.BestTracker(_settings(start_epoch=2))
+  tracker = best_lib.BestTracker(_settings(start_epoch=2))
   for step, epoch, value, new_best, save in SEQUENCE:
     obs = tracker.observe(step, epoch, _results(value))
     assert (obs.new_best, obs.save) == (new_best, save), step
@@ -61,7 +61,7 @@ def test_tracker_follows_the_official_rule_with_ties_nan_and_a_start_epoch():
 
 
 def test_tracker_before_the_start_epoch_only_sets_the_value_to_beat():
-  tracker = checkpointing.BestTracker(_settings(start_epoch=3))
+  tracker = best_lib.BestTracker(_settings(start_epoch=3))
   for step, epoch, value in [(1, 0, 40.0), (2, 1, 10.0), (3, 2, 20.0), (4, 3, 30.0)]:
     assert not tracker.observe(step, epoch, _results(value)).save
   assert tracker.saved_step is None and tracker.best["step"] == 1
@@ -69,7 +69,7 @@ def test_tracker_before_the_start_epoch_only_sets_the_value_to_beat():
 
 
 def test_tracker_averages_the_splits():
-  tracker = checkpointing.BestTracker(_settings(splits=("val_a", "val_b"), metric="mIoU"))
+  tracker = best_lib.BestTracker(_settings(splits=("val_a", "val_b"), metric="mIoU"))
   obs = tracker.observe(10, 0, {"val_a": {"mIoU": 60.0}, "val_b": {"mIoU": 70.0},
                                 "test": {"mIoU": 99.0}})
   assert obs.value == 65.0 and obs.per_split == {"val_a": 60.0, "val_b": 70.0}
@@ -81,14 +81,14 @@ def test_tracker_averages_the_splits():
 
 def test_resumed_tracker_continues_the_comparison():
   """A record through JSON (the train checkpoint's meta) gives the same later decisions."""
-  full = checkpointing.BestTracker(_settings(start_epoch=2))
+  full = best_lib.BestTracker(_settings(start_epoch=2))
   decisions = [(o.new_best, o.save) for o in
                (full.observe(s, e, _results(v)) for s, e, v, *_ in SEQUENCE)]
-  first = checkpointing.BestTracker(_settings(start_epoch=2))
+  first = best_lib.BestTracker(_settings(start_epoch=2))
   for step, epoch, value, *_ in SEQUENCE[:4]:
     first.observe(step, epoch, _results(value))
   record = json.loads(json.dumps(first.record))
-  resumed = checkpointing.BestTracker(_settings(start_epoch=2), record)
+  resumed = best_lib.BestTracker(_settings(start_epoch=2), record)
   assert resumed.reset_reason is None
   # The resumed run re-evaluates the step of its checkpoint (a finished run run again): ignored.
   again = resumed.observe(12, 2, _results(100.0))
@@ -97,29 +97,29 @@ def test_resumed_tracker_continues_the_comparison():
            (resumed.observe(s, e, _results(v)) for s, e, v, *_ in SEQUENCE[4:])]
   assert later == decisions[4:]
   assert resumed.record == full.record
-  fresh = checkpointing.BestTracker(_settings(start_epoch=2))  # what forgetting would do
+  fresh = best_lib.BestTracker(_settings(start_epoch=2))  # what forgetting would do
   assert fresh.observe(15, 2, _results(7.0)).save
 
 
 def test_resumed_tracker_restarts_when_the_comparison_changed():
-  first = checkpointing.BestTracker(_settings())
+  first = best_lib.BestTracker(_settings())
   first.observe(5, 0, _results(30.0))
-  resumed = checkpointing.BestTracker(_settings(metric="gIoU"), first.record)
+  resumed = best_lib.BestTracker(_settings(metric="gIoU"), first.record)
   assert "'metric': 'cIoU'" in resumed.reset_reason and resumed.best is None
-  tau = checkpointing.BestTracker(_settings(tau=0.9), first.record)
+  tau = best_lib.BestTracker(_settings(tau=0.9), first.record)
   assert "'score_threshold': 0.7" in tau.reset_reason
-  start = checkpointing.BestTracker(_settings(start_epoch=4), first.record)
+  start = best_lib.BestTracker(_settings(start_epoch=4), first.record)
   assert start.reset_reason is None and start.record["start_epoch"] == 4
 
 
 def test_repair_after_a_kill_between_the_train_checkpoint_and_the_best():
-  tracker = checkpointing.BestTracker(_settings())
+  tracker = best_lib.BestTracker(_settings())
   tracker.observe(9, 0, _results(10.0))
   assert tracker.to_repair(resumed_step=9, best_step=9) is None
   assert tracker.to_repair(resumed_step=9, best_step=None) == "write"
   assert tracker.to_repair(resumed_step=9, best_step=4) == "write"
   assert "holds none" in tracker.to_repair(resumed_step=18, best_step=None)
-  assert checkpointing.BestTracker(_settings()).to_repair(9, None) is None
+  assert best_lib.BestTracker(_settings()).to_repair(9, None) is None
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -132,7 +132,7 @@ def test_settings_name_the_bad_field(field, value, message):
   config = synthetic.get_config()
   config.eval[field] = value
   with pytest.raises(ValueError, match=re.escape(message)):
-    checkpointing.BestSettings.from_config(config)
+    best_lib.BestSettings.from_config(config)
 
 
 def test_eval_config_fills_the_official_choices_per_variant():
@@ -148,8 +148,8 @@ def test_eval_config_fills_the_official_choices_per_variant():
   }
   for module, (splits, tau, metric, start) in want.items():
     config = module.get_config()
-    settings = checkpointing.BestSettings.from_config(config)
-    assert settings == checkpointing.BestSettings(splits, tau, metric, "mean", start), module
+    settings = best_lib.BestSettings.from_config(config)
+    assert settings == best_lib.BestSettings(splits, tau, metric, "mean", start), module
     assert config.eval.train_score_threshold == config.eval.config_score_threshold
   assert synthetic.get_config().train.eval_every_epochs == 1
 
@@ -159,15 +159,15 @@ def test_settings_of_a_config_without_the_fields():
   for field in ("train_splits", "train_score_threshold", "best_metric", "best_aggregate",
                 "best_start_epoch"):
     del config.eval[field]
-  assert checkpointing.BestSettings.from_config(config) == checkpointing.BestSettings(
+  assert best_lib.BestSettings.from_config(config) == best_lib.BestSettings(
       ("val", "test"), 0.7, None, "mean", 0)
 
 
 # ------------------------------------------------------------------------------------------
-# checkpoint.resolve: --which latest | best.
+# checkpoints.resolve: --which latest | best.
 # ------------------------------------------------------------------------------------------
 def _write(directory, step, meta, value=0.0):
-  ckpt_lib.save_params(directory, {"w": np.full((2,), value, np.float32)}, metadata=meta,
+  checkpoints.save_params(directory, {"w": np.full((2,), value, np.float32)}, metadata=meta,
                        step=step)
 
 
@@ -180,14 +180,14 @@ def test_resolve_latest_and_best(tmp_path):
   run = tmp_path / "checkpoints"
   _write(run, 12, _train_meta(None), value=1.0)
   _write(run / "best", 9, {"kind": "best", "step": 9}, value=2.0)
-  assert ckpt_lib.resolve(run) == run
-  assert ckpt_lib.resolve(run, "best") == run / "best"
-  assert ckpt_lib.resolve(run / "best", "best") == run / "best"  # given directly
-  assert ckpt_lib.latest_step(run) == 12  # the best/ folder is not a step of the run
-  tree, meta = ckpt_lib.restore_params(ckpt_lib.resolve(run, "best"))
+  assert checkpoints.resolve(run) == run
+  assert checkpoints.resolve(run, "best") == run / "best"
+  assert checkpoints.resolve(run / "best", "best") == run / "best"  # given directly
+  assert checkpoints.latest_step(run) == 12  # the best/ folder is not a step of the run
+  tree, meta = checkpoints.restore_params(checkpoints.resolve(run, "best"))
   assert meta["kind"] == "best" and tree["w"].tolist() == [2.0, 2.0]
-  with pytest.raises(ckpt_lib.CheckpointError, match="--which 'first'"):
-    ckpt_lib.resolve(run, "first")
+  with pytest.raises(checkpoints.CheckpointError, match="--which 'first'"):
+    checkpoints.resolve(run, "first")
 
 
 @pytest.mark.parametrize("record, message", [
@@ -201,8 +201,8 @@ def test_resolve_latest_and_best(tmp_path):
 def test_missing_best_says_when_it_is_written(tmp_path, record, message):
   run = tmp_path / "checkpoints"
   _write(run, 12, _train_meta(record))
-  with pytest.raises(ckpt_lib.CheckpointError) as info:
-    ckpt_lib.resolve(run, "best")
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    checkpoints.resolve(run, "best")
   text = str(info.value)
   assert text.startswith(f"no best checkpoint in {run / 'best'}: training writes it after an "
                          "evaluation of epoch 3 or later (eval.best_start_epoch 3, epochs "
@@ -212,8 +212,8 @@ def test_missing_best_says_when_it_is_written(tmp_path, record, message):
 
 def test_missing_best_of_converted_weights(tmp_path):
   _write(tmp_path / "converted", 0, {"kind": "converted"})
-  with pytest.raises(ckpt_lib.CheckpointError, match="converted or pretrained weights have no "
+  with pytest.raises(checkpoints.CheckpointError, match="converted or pretrained weights have no "
                      "best"):
-    ckpt_lib.resolve(tmp_path / "converted", "best")
-  with pytest.raises(ckpt_lib.CheckpointError, match="does not exist"):
-    ckpt_lib.resolve(tmp_path / "nowhere", "best")
+    checkpoints.resolve(tmp_path / "converted", "best")
+  with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
+    checkpoints.resolve(tmp_path / "nowhere", "best")

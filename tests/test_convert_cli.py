@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import convert
-from deris_jax import checkpoint
+from deris_jax import checkpoints
 from deris_jax.parity import check
 from tests import torch_format
 
@@ -27,7 +27,7 @@ def converted(official_pth, tmp_path_factory):
 
 def test_converted_checkpoint_reproduces_the_fixture(converted, tiny_dir):
   fixture = check.load_fixture(tiny_dir)
-  model, meta = checkpoint.load_model(converted, fixture.model_config)
+  model, meta = checkpoints.load_model(converted, fixture.model_config)
   assert meta["kind"] == "converted" and len(meta["sha256"]) == 64
   assert meta["loaded"] == 533 and len(meta["dropped"]) == 29  # 8 index buffers, 12 mapmlp, ...
   taps = check.run_with_taps(model, fixture.inputs)
@@ -72,5 +72,5 @@ def test_renamed_key_is_an_error(tiny_state_dict, tmp_path, capsys):
 
 def test_checkpoint_of_another_variant_is_refused(converted):
   from configs import deris_b_refcoco
-  with pytest.raises(checkpoint.CheckpointError, match="expects|missing|unknown"):
-    checkpoint.load_model(converted, deris_b_refcoco.get_config().model)
+  with pytest.raises(checkpoints.CheckpointError, match="expects|missing|unknown"):
+    checkpoints.load_model(converted, deris_b_refcoco.get_config().model)

@@ -10,11 +10,13 @@ shifted referring head, so that its numbers differ from the latest step's).
 import importlib
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from deris_jax import checkpoint, evaluation, metrics
+from deris_jax import checkpoints, evaluation, metrics, trees
 from deris_jax.convert import deris_checkpoint
 from deris_jax.models.deris import abstract_model
 from tests import eval_helpers as H
@@ -140,11 +142,11 @@ def run_with_best(setup, tiny_state_dict):
   H.write_train_like_checkpoint(directory, tiny_state_dict, config)
   params, _ = deris_checkpoint.convert_state_dict(tiny_state_dict, config.model,
                                                   source="fixture")
-  flat = checkpoint.flatten_tree(params)
+  flat = trees.named_leaves(params)
   flat["decoder.SEG_cls.bias"] = flat["decoder.SEG_cls.bias"] + np.asarray([0.3, -0.3],
                                                                            np.float32)
-  best = checkpoint.unflatten(flat)
-  checkpoint.save_params(directory / checkpoint.BEST_DIRECTORY, best, step=BEST_STEP, metadata={
+  best = trees.unflatten(flat)
+  checkpoints.save_params(directory / checkpoints.BEST_DIRECTORY, best, step=BEST_STEP, metadata={
       "kind": "best", "step": BEST_STEP, "epoch": 0, "metric": "gIoU", "aggregate": "mean",
       "splits": ["val"], "score_threshold": TAU, "value": 12.5})
   return directory, best
@@ -155,7 +157,8 @@ def test_which_best_gives_the_numbers_of_the_best_params(setup, run_with_best, r
   directory, best_params = run_with_best
   config = setup["config_dict"]
   graphdef, abstract = nnx.split(abstract_model(config.model))
-  model = nnx.merge(graphdef, checkpoint.tree_into_state(best_params, abstract))
+  nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, best_params))
+  model = nnx.merge(graphdef, abstract)
   direct = evaluation.evaluate(model, config, "val", score_threshold=TAU)  # no checkpoint read
   summaries = {}
   for name, args in (("which", [str(directory), "--which", "best"]),

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import predict
-from deris_jax import checkpoint, inference
+from deris_jax import checkpoints, inference
 from deris_jax.data import pipeline
 from deris_jax.data import pipeline_ops as ops
 from deris_jax.data import synthetic
@@ -117,7 +117,7 @@ def test_mask_is_the_union_of_selected_queries_at_the_image_size(setup, single_r
   """Independent check: the model's logits resized with ops.resize (torch's bilinear)."""
   _, summary = single_run
   config = setup["config_dict"]
-  model, _ = checkpoint.load_model(setup["checkpoint"], config.model)
+  model, _ = checkpoints.load_model(setup["checkpoint"], config.model)
   inputs = predict.preprocess_image(predict.load_image(setup["jpeg"]), config.data)
   text = predict.encode_text(predict.load_tokenizer(config.data), "The red circle!",
                              config.data.max_tokens)

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import convert
-from deris_jax import checkpoint
+from deris_jax import checkpoints, trees
 from deris_jax.convert import bicubic, deris_checkpoint, pretrained, torch_to_nnx
 from deris_jax.convert.torch_to_nnx import ConversionError
 from deris_jax.models.deris import abstract_model, build_model
@@ -125,7 +125,7 @@ def variant_shapes(variant, cognition_image_size=None):
 
 
 def flat_params(params_tree):
-  return {k: np.asarray(v) for k, v in checkpoint.flatten_tree(params_tree).items()}
+  return {k: np.asarray(v) for k, v in trees.named_leaves(params_tree).items()}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def converted(official_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(converted):
-  params, meta = checkpoint.restore_params(converted[0])
+  params, meta = checkpoints.restore_params(converted[0])
   return flat_params(params), meta
 
 
@@ -257,7 +257,7 @@ def test_the_other_parameters_keep_build_models_values(restored, tiny_config,
   initialised = sorted(p for p in tiny_model_shapes if not PROVIDED.search(p))
   assert sorted(meta["initialised"]) == initialised
   assert meta["seed"] == 3
-  model = flat_params(checkpoint.state_to_tree(nnx.state(build_model(tiny_config, 3),
+  model = flat_params(nnx.to_pure_dict(nnx.state(build_model(tiny_config, 3),
                                                          nnx.Param)))
   for path in initialised:
     np.testing.assert_array_equal(params[path], model[path], err_msg=path)
@@ -267,14 +267,14 @@ def test_the_other_parameters_keep_build_models_values(restored, tiny_config,
 
 def test_checkpoint_is_a_params_checkpoint_for_init_from(converted, restored, official_files,
                                                          tiny_config):
-  model, meta = checkpoint.load_model(converted[0], tiny_config)  # what --init_from does
+  model, meta = checkpoints.load_model(converted[0], tiny_config)  # what --init_from does
   assert meta["kind"] == "pretrained"
   for role, path in zip(("mask2former", "beit3"), official_files[:2]):
     assert meta["sources"][role]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert meta["sources"][role]["path"] == str(path)
   assert meta["sources"]["mask2former"]["keys"] == len(official_files[2])
   assert meta["config"]["model"]["num_queries"] == tiny_config.num_queries
-  loaded = flat_params(checkpoint.state_to_tree(nnx.state(model, nnx.Param)))
+  loaded = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert sorted(loaded) == sorted(restored[0])
   for path in ("decoder.query_embed.embedding", "beit3.encoder.embed_positions.A.embedding"):
     np.testing.assert_array_equal(loaded[path], restored[0][path])

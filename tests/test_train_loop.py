@@ -27,14 +27,13 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from deris_jax import checkpoint as ckpt_lib
+from deris_jax import checkpoints
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.data import prepare
 from deris_jax.train import checkpointing
 from deris_jax.train import loop
-from deris_jax.train import params as P
 from deris_jax.train import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def setup(tmp_path_factory):
       lambda name, leaf: ((1.0 if name.endswith("scale") else 0.0)
                           + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), abstract)
   init_dir = root / "init"
-  ckpt_lib.save_params(init_dir, P.to_checkpoint_tree(params),
+  checkpoints.save_params(init_dir, params,
                        metadata=dict(kind="pretrained", config=config.model.to_dict()))
   return dict(root=root, data_dir=data_dir, init_dir=init_dir, params=params)
 
@@ -109,30 +108,30 @@ def test_stop_and_resume_equals_the_uninterrupted_run(setup, uninterrupted, caps
   assert want_best["history"][2]["value"] > 0 and want_best["saved_step"] == TOTAL_STEPS
   assert _new_best_steps(capsys.readouterr().out) == [TOTAL_STEPS]
   assert second.best == want_best
-  best_ours, meta = ckpt_lib.restore_params(workdir / "checkpoints" / "best")
-  best_theirs, _ = ckpt_lib.restore_params(uninterrupted["workdir"] / "checkpoints" / "best")
+  best_ours, meta = checkpoints.restore_params(workdir / "checkpoints" / "best")
+  best_theirs, _ = checkpoints.restore_params(uninterrupted["workdir"] / "checkpoints" / "best")
   assert meta["kind"] == "best" and meta["step"] == TOTAL_STEPS
-  for name, value in ckpt_lib.flatten_tree(best_theirs).items():
-    np.testing.assert_array_equal(ckpt_lib.flatten_tree(best_ours)[name], value, err_msg=name)
+  for name, value in trees.named_leaves(best_theirs).items():
+    np.testing.assert_array_equal(trees.named_leaves(best_ours)[name], value, err_msg=name)
   losses = {**first.losses, **second.losses}
   want = uninterrupted["result"].losses
   assert sorted(losses) == sorted(want)
   np.testing.assert_array_equal([losses[s] for s in sorted(want)],
                                 [want[s] for s in sorted(want)])
-  ours, _ = ckpt_lib.restore_params(workdir / "checkpoints")
-  theirs, _ = ckpt_lib.restore_params(uninterrupted["workdir"] / "checkpoints")
-  for name, value in ckpt_lib.flatten_tree(theirs).items():
-    np.testing.assert_array_equal(ckpt_lib.flatten_tree(ours)[name], value, err_msg=name)
+  ours, _ = checkpoints.restore_params(workdir / "checkpoints")
+  theirs, _ = checkpoints.restore_params(uninterrupted["workdir"] / "checkpoints")
+  for name, value in trees.named_leaves(theirs).items():
+    np.testing.assert_array_equal(trees.named_leaves(ours)[name], value, err_msg=name)
 
 
 def test_checkpoint_is_readable_by_eval_and_records_the_input_position(uninterrupted):
   directory = uninterrupted["workdir"] / "checkpoints"
-  model, meta = ckpt_lib.load_model(directory, uninterrupted["config"].model)
+  model, meta = checkpoints.load_model(directory, uninterrupted["config"].model)
   assert meta["kind"] == "train" and meta["step"] == TOTAL_STEPS
   assert meta["data"] == dict(epoch=1, batch=2, steps_per_epoch=9, global_batch=8, seed=0)
   assert meta["config"]["optimizer"]["lr"] == uninterrupted["config"].optimizer.lr
-  tree, _ = ckpt_lib.restore_params(directory)
-  kernel = ckpt_lib.flatten_tree(tree)["decoder.SEG_cls.kernel"]
+  tree, _ = checkpoints.restore_params(directory)
+  kernel = trees.named_leaves(tree)["decoder.SEG_cls.kernel"]
   np.testing.assert_array_equal(np.asarray(model.decoder.SEG_cls.kernel[...]), kernel)
 
 
@@ -140,13 +139,13 @@ def test_resume_with_another_input_stream_is_refused(setup, uninterrupted, tmp_p
   workdir = tmp_path / "copy"
   shutil.copytree(uninterrupted["workdir"], workdir)
   config = _micro_config(setup["data_dir"], "data.batch_size=16")
-  with pytest.raises(ckpt_lib.CheckpointError, match="steps_per_epoch=9 but the config gives 5"):
+  with pytest.raises(checkpoints.CheckpointError, match="steps_per_epoch=9 but the config gives 5"):
     loop.train(config, workdir)
 
 
 def test_init_from_checks_shapes(setup, tmp_path):
   config = _micro_config(setup["data_dir"], "model.num_queries=5")
-  with pytest.raises(ckpt_lib.CheckpointError, match="init_query.embedding' has shape"):
+  with pytest.raises(checkpoints.CheckpointError, match="init_query.embedding' has shape"):
     loop.train(config, tmp_path / "w", init_from=str(setup["init_dir"]))
 
 
@@ -237,23 +236,23 @@ def test_best_checkpoint_holds_the_params_of_the_best_evaluation(best_run):
   assert {s: v for t, s, v in events if t == "eval/mean_gIoU"} == giou
   best_step = max(giou, key=lambda s: (giou[s], -s))  # the first of the highest
   assert best_step != BEST_STEPS, "the test needs a best before the last step"
-  tree, meta = ckpt_lib.restore_params(directory / "best")
+  tree, meta = checkpoints.restore_params(directory / "best")
   assert meta["kind"] == "best" and (meta["step"], meta["epoch"]) == (best_step, 0)
   assert (meta["metric"], meta["aggregate"], meta["splits"]) == ("gIoU", "mean", ["val"])
   assert meta["score_threshold"] == 0.5 and meta["data"]["batch"] == best_step
   assert meta["value"] == pytest.approx(giou[best_step], rel=1e-6)
   assert meta["per_split"] == {"val": meta["value"]}
   assert meta["metrics"]["val"]["gIoU"] == meta["value"] and "cIoU" in meta["metrics"]["val"]
-  assert ckpt_lib.latest_step(directory / "best") == best_step  # only the best is kept
+  assert checkpoints.latest_step(directory / "best") == best_step  # only the best is kept
   record = best_run["result"].best
   assert record["best"]["step"] == record["saved_step"] == best_step
   # The params are those of the train checkpoint of that step (written with the best), not
   # the final ones.
   train = checkpointing.Checkpointer(directory, keep=None, async_save=False)
   assert best_step in train.all_steps() and train.latest_step() == BEST_STEPS
-  at_best, _ = ckpt_lib.restore_params(directory, step=best_step)
-  final, _ = ckpt_lib.restore_params(directory)
-  flat, flat_best, flat_final = (ckpt_lib.flatten_tree(t) for t in (tree, at_best, final))
+  at_best, _ = checkpoints.restore_params(directory, step=best_step)
+  final, _ = checkpoints.restore_params(directory)
+  flat, flat_best, flat_final = (trees.named_leaves(t) for t in (tree, at_best, final))
   assert sorted(flat) == sorted(flat_best)
   for name, value in flat_best.items():
     np.testing.assert_array_equal(flat[name], value, err_msg=name)
@@ -269,7 +268,7 @@ def test_eval_py_reads_the_best_and_reproduces_its_training_evaluation(setup, be
                                                                        tmp_path):
   eval_cli = importlib.import_module("eval")
   directory = best_run["workdir"] / "checkpoints"
-  _, meta = ckpt_lib.restore_params(directory / "best")
+  _, meta = checkpoints.restore_params(directory / "best")
   summaries = {}
   for name, checkpoint in (("which", ["--checkpoint", str(directory), "--which", "best"]),
                            ("direct", ["--checkpoint", str(directory / "best")]),
@@ -325,8 +324,8 @@ def test_a_best_left_unwritten_by_a_kill_is_written_on_resume(setup, uninterrupt
   shutil.rmtree(best / str(TOTAL_STEPS))
   partial = best / f"{TOTAL_STEPS}.orbax-checkpoint-tmp-1234567"
   (partial / "params").mkdir(parents=True)
-  with pytest.raises(ckpt_lib.CheckpointError, match="no best checkpoint in"):
-    ckpt_lib.resolve(workdir / "checkpoints", "best")
+  with pytest.raises(checkpoints.CheckpointError, match="no best checkpoint in"):
+    checkpoints.resolve(workdir / "checkpoints", "best")
   capsys.readouterr()
   config = _micro_config(setup["data_dir"], f"train.eval_every_steps={EVAL_EVERY}")
   result = loop.train(config, workdir)
@@ -336,11 +335,11 @@ def test_a_best_left_unwritten_by_a_kill_is_written_on_resume(setup, uninterrupt
   assert _new_best_steps(out) == []  # the final evaluation was recorded already
   assert f"eval step {TOTAL_STEPS} (epoch 1): mean cIoU over val" in out
   assert result.best == uninterrupted["result"].best
-  tree, meta = ckpt_lib.restore_params(ckpt_lib.resolve(workdir / "checkpoints", "best"))
+  tree, meta = checkpoints.restore_params(checkpoints.resolve(workdir / "checkpoints", "best"))
   assert meta["step"] == TOTAL_STEPS and meta["value"] == result.best["best"]["value"]
-  train, _ = ckpt_lib.restore_params(workdir / "checkpoints")
-  for name, value in ckpt_lib.flatten_tree(train).items():
-    np.testing.assert_array_equal(ckpt_lib.flatten_tree(tree)[name], value, err_msg=name)
+  train, _ = checkpoints.restore_params(workdir / "checkpoints")
+  for name, value in trees.named_leaves(train).items():
+    np.testing.assert_array_equal(trees.named_leaves(tree)[name], value, err_msg=name)
 
 
 def _subprocess_env():
@@ -372,8 +371,8 @@ def test_train_py_stops_on_nan_and_keeps_the_last_good_checkpoint(setup, uninter
   assert "the last good checkpoint is step 11" in proc.stderr
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
   assert ckpt.latest_step() == 11
-  tree, _ = ckpt_lib.restore_params(workdir / "checkpoints")
-  assert all(np.all(np.isfinite(v)) for v in ckpt_lib.flatten_tree(tree).values())
+  tree, _ = checkpoints.restore_params(workdir / "checkpoints")
+  assert all(np.all(np.isfinite(v)) for v in trees.named_leaves(tree).values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 from flax import nnx
 
+from deris_jax import trees
 from deris_jax.convert import deris_keys, torch_to_nnx
+from deris_jax.models.deris import abstract_model
 
 
 def plan_for_model(model: nnx.Module, torch_shapes: Mapping[str, tuple], *,
@@ -43,13 +45,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, *,
   Works on the abstract model (no parameter is initialised), so converting DeRIS-L costs only
   the memory of the two copies of its weights.
   """
-  from deris_jax import checkpoint
-  from deris_jax.models.deris import abstract_model
   state_dict = deris_keys.strip_module_prefix(state_dict)
   deris_keys.check_relative_position_index(state_dict, model_config.swin.window_size, source)
   plan = plan_for_model(abstract_model(model_config),
                         {k: np.shape(v) for k, v in state_dict.items()}, source=source)
-  return checkpoint.unflatten(torch_to_nnx.apply(plan, state_dict)), plan
+  return trees.unflatten(torch_to_nnx.apply(plan, state_dict)), plan
 
 
 def report(plan: torch_to_nnx.Plan) -> str:

@@ -1,14 +1,14 @@
-"""The error of the checkpoint readers, and the guard that turns a damaged file's exceptions
-into it (naming the file)."""
+"""The guards of the checkpoint readers: a file that must exist, and the context that turns a
+damaged file's exceptions into the one `CheckpointError` (`deris_jax.checkpoints.errors`),
+naming the file."""
 import contextlib
 import os
 from typing import Iterator, Union
 
+from deris_jax.checkpoints.errors import CheckpointError
+
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file cannot be read; the message names the file and what is wrong."""
+__all__ = ["CheckpointError", "PathLike", "existing_file", "reraise"]
 
 
 def existing_file(path: PathLike) -> str:

@@ -27,11 +27,14 @@ import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from flax import nnx
 
+from deris_jax import checkpoints, trees
 from deris_jax.convert import bicubic, deris_keys, readers, torch_to_nnx
 from deris_jax.convert.pretrained_keys import (BEIT3, INITIALISED, MASK2FORMER, SPECS,
                                                SourceSpec, extra_decoder_layers_drop)
 from deris_jax.convert.torch_to_nnx import Assignment, ConversionError
+from deris_jax.models.deris import abstract_model, build_model
 
 Shape = Tuple[int, ...]
 
@@ -246,11 +249,8 @@ def plan_pretrained(model_config, model_shapes: Mapping[str, Shape],
 def initial_values(model_config, seed: int, paths: Sequence[str]) -> Dict[str, np.ndarray]:
   """The values `build_model(model_config, seed)` gives the parameters `paths`: the official
   initialisers (the model is built whole, so each parameter gets its usual draw)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from deris_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from deris_jax.models.deris import build_model  # pylint: disable=g-import-not-at-top
   state = nnx.state(build_model(model_config, seed), nnx.Param)
-  flat = checkpoint.flatten_tree(checkpoint.state_to_tree(state))
+  flat = trees.named_leaves(nnx.to_pure_dict(state))
   return {path: np.asarray(flat[path]) for path in paths}
 
 
@@ -264,10 +264,9 @@ def convert(model_config, arrays: Mapping[str, Mapping[str, np.ndarray]], *, see
     seed: the `build_model` seed for every parameter no file provides.
     names: role -> file name for messages.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from deris_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from deris_jax.models.deris import abstract_model  # pylint: disable=g-import-not-at-top
-  model_shapes = torch_to_nnx.flat_shapes(nnx.state(abstract_model(model_config), nnx.Param))
+  abstract = trees.named_leaves(nnx.to_pure_dict(
+      nnx.state(abstract_model(model_config), nnx.Param)))  # {name: ShapeDtypeStruct}
+  model_shapes = {name: tuple(a.shape) for name, a in abstract.items()}
   file_shapes = {role: {k: np.shape(v) for k, v in a.items()} for role, a in arrays.items()}
   plan = plan_pretrained(model_config, model_shapes, file_shapes, names)
   swin_buffers = {k: v for k, v in arrays[MASK2FORMER].items() if k.startswith("backbone.")}
@@ -280,11 +279,10 @@ def convert(model_config, arrays: Mapping[str, Mapping[str, np.ndarray]], *, see
       if key in source.adjusted:
         state[key] = _adjust_array(kind, np.asarray(state[key]), model_shapes[path], model_config)
     values.update(torch_to_nnx.apply(torch_to_nnx.Plan(source.assignments, {}), state))
-  values.update(initial_values(model_config, seed, list(plan.initialised)))
-  for path, shape in model_shapes.items():  # the plan guarantees it; checked once more
-    if tuple(values[path].shape) != tuple(shape):
-      raise ConversionError(f"'{path}' converted to {values[path].shape}, expected {shape}")
-  return checkpoint.unflatten({p: values[p] for p in model_shapes}), plan
+  params, _ = checkpoints.merge_params(  # the plan guarantees the fit; checked once more
+      values, abstract, source=", ".join(s.name for s in plan.sources.values()),
+      fill=lambda: initial_values(model_config, seed, list(plan.initialised)))
+  return trees.unflatten(params), plan
 
 
 # ------------------------------------------------------------------------------------------

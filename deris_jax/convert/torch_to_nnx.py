@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deris_jax import trees
+
 Shape = Tuple[int, ...]
 
 
@@ -169,11 +171,8 @@ def apply(p: Plan, arrays: Mapping[str, np.ndarray],
 
 def flat_shapes(state) -> Dict[str, Shape]:
   """'a.0.kernel' -> shape for every leaf of an nnx.State (real or abstract)."""
-  out = {}
-  for path, leaf in state.flat_state():
-    value = leaf.get_value() if hasattr(leaf, "get_value") else getattr(leaf, "value", leaf)
-    out[".".join(str(p) for p in path)] = tuple(value.shape)
-  return out
+  return {name: tuple(leaf.shape)
+          for name, leaf in trees.named_leaves(nnx.to_pure_dict(state)).items()}
 
 
 def load_into(module, arrays: Mapping[str, np.ndarray], rules: Sequence[Rule] = (),

@@ -10,7 +10,7 @@ in the model or the loss) would only fail after that. The dry run builds, abstra
   -> abstract batches (ShapeDtypeStructs at the config's shapes, the pipeline's dtypes, the
      loop's batch sharding) at the global train batch and the global eval batch
   -> the jitted train step (`step.jit_train_step`) and, when the loop evaluates during
-     training (`checkpointing.BestSettings`: eval.train_splits), the evaluation's forward and
+     training (`best.BestSettings`: eval.train_splits), the evaluation's forward and
      per-sample counts (`inference.forward_fn`, `inference.sample_counts`), lowered and
      (by default) compiled on those abstract arguments
   -> a `DryRunReport`: mesh, batches, parameter and optimizer-state sizes, and per program
@@ -36,7 +36,7 @@ from deris_jax import batch as batch_lib
 from deris_jax import evaluation
 from deris_jax import inference
 from deris_jax import sharding as S
-from deris_jax.train import checkpointing
+from deris_jax.train import best as best_lib
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -258,7 +258,7 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
     settings = None  # evaluation.EvalSettings of the loop's evaluations; None: none
     best = None
     if "eval" in config:
-      best = checkpointing.BestSettings.from_config(config)  # what the loop evaluates
+      best = best_lib.BestSettings.from_config(config)  # what the loop evaluates
     if best is not None and best.splits:
       # As the loop's periodic evaluation runs it: resolution 'reference', its tau, params as
       # the trainer shards them, the batch over every mesh axis (below).

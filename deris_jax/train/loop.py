@@ -9,7 +9,7 @@
      with `NonFiniteLossError` if a loss was not finite; checkpoints never save such a state
   -> evaluation of config.eval.train_splits at config.eval.train_score_threshold and
      checkpoints at their intervals; a final evaluation and checkpoint
-  -> after each evaluation the best-on-val rule (checkpointing.BestTracker, the official
+  -> after each evaluation the best-on-val rule (best_lib.BestTracker, the official
      tools/train.py): a new best from epoch config.eval.best_start_epoch on writes the train
      checkpoint of that step (if not due anyway), then WORKDIR/checkpoints/best.
 """
@@ -20,16 +20,15 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import ml_collections as mlc
-import numpy as np
 from flax import nnx
 
-from deris_jax import checkpoint as ckpt_lib
+from deris_jax import checkpoints
 from deris_jax import evaluation
 from deris_jax import sharding as S
 from deris_jax import trees
+from deris_jax.train import best as best_lib
 from deris_jax.train import checkpointing
 from deris_jax.train import input as input_lib
-from deris_jax.train import params as P
 from deris_jax.train import reporting
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
@@ -64,7 +63,7 @@ class RunResult:
   last_checkpoint: Optional[int]
   eval_results: Dict[str, Dict[str, Any]]  # split -> metrics of the last evaluation
   resumed_from: Optional[int]
-  best: Optional[Dict[str, Any]]  # the best-on-val record (checkpointing.BestTracker.record)
+  best: Optional[Dict[str, Any]]  # the best-on-val record (best_lib.BestTracker.record)
   input_open_seconds: float  # time spent opening the epochs' input pipelines
 
 
@@ -86,57 +85,41 @@ def _check_resume(meta: Dict[str, Any], position: Dict[str, int], directory) -> 
   saved = meta.get("data", {})
   for key in ("steps_per_epoch", "global_batch", "seed"):
     if key in saved and saved[key] != position[key]:
-      raise ckpt_lib.CheckpointError(
+      raise checkpoints.CheckpointError(
           f"{directory}: the checkpoint was written with {key}={saved[key]} but the config "
           f"gives {position[key]}; an exact resume needs the same input stream. Start a new "
           "workdir with --init_from to change it.")
 
 
-def load_init_params(directory, trainer: state_lib.Trainer, report) -> Optional[Any]:
-  """`--init_from`: the params of a checkpoint (`deris_jax.checkpoint` format).
+def init_params(directory, trainer: state_lib.Trainer, seed: int, report) -> Any:
+  """`--init_from`: the train-state params from a checkpoint (`deris_jax.checkpoints` format).
 
-  Returns {dotted name: array} of the parameters the checkpoint holds (all, or part of the
-  model: `_init_state` fills the rest). Unknown paths and shape mismatches raise a
-  CheckpointError naming the first one.
+  The checkpoint may hold all or part of the model (e.g. backbones only): parameters it lacks
+  keep their official initialisation (`state.fresh_params` of `seed`). Unknown names and
+  shape mismatches raise a CheckpointError naming the first one (`checkpoints.merge_params`).
   """
-  tree, meta = ckpt_lib.restore_params(directory)
-  flat = ckpt_lib.flatten_tree(tree)
-  expected = trees.named_leaves(trainer.abstract_state.params)
-  unknown = sorted(set(flat) - set(expected))
-  if unknown:
-    raise ckpt_lib.CheckpointError(
-        f"--init_from {directory}: {len(unknown)} parameters are not in the model built from "
-        f"the config (e.g. '{unknown[0]}'). Is it a checkpoint of this model variant?")
-  for name, value in flat.items():
-    if tuple(np.shape(value)) != tuple(expected[name].shape):
-      raise ckpt_lib.CheckpointError(
-          f"--init_from {directory}: '{name}' has shape {tuple(np.shape(value))} but the "
-          f"model built from the config expects {tuple(expected[name].shape)}")
-  report.log(f"init_from {directory}: {len(flat)}/{len(expected)} parameters "
+  tree, meta = checkpoints.restore_params(directory)
+  abstract = trainer.abstract_state.params
+  merged, filled = checkpoints.merge_params(
+      trees.named_leaves(tree), trees.named_leaves(abstract),
+      fill=lambda: trees.named_leaves(state_lib.fresh_params(trainer, seed)),
+      source=f"--init_from {directory}")
+  report.log(f"init_from {directory}: {len(merged) - len(filled)}/{len(merged)} parameters "
              f"(kind {meta.get('kind', '?')})")
-  return flat
+  if filled:
+    report.log(f"init_from: {len(filled)} parameters missing from the checkpoint keep their "
+               "official initialisation")
+  return trees.unflatten_like(merged, abstract)
 
 
 def _init_state(trainer, config, init_from, report):
-  if init_from is None:
-    return state_lib.init_state(trainer, config.train.seed)
-  flat = load_init_params(init_from, trainer, report)
-  expected = trees.named_leaves(trainer.abstract_state.params)
-  if len(flat) < len(expected):  # a partial checkpoint (e.g. backbones only)
-    current = trees.named_leaves(state_lib.fresh_params(trainer, config.train.seed))
-    missing = len(expected) - len(flat)
-    report.log(f"init_from: {missing} parameters missing from the checkpoint keep their "
-               "official initialisation")
-    flat = {name: flat.get(name, current[name]) for name in expected}
-  params = P.from_checkpoint_tree(ckpt_lib.unflatten(flat), trainer.abstract_state.params,
-                                  source=str(init_from))
-  params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype) if isinstance(x, np.ndarray) else x,
-                        params, trainer.abstract_state.params)
+  params = None if init_from is None else init_params(init_from, trainer, config.train.seed,
+                                                       report)
   return state_lib.init_state(trainer, config.train.seed, params=params)
 
 
 def _evaluate(state, trainer, config, step, report,
-              settings: checkpointing.BestSettings) -> Dict[str, Dict[str, Any]]:
+              settings: best_lib.BestSettings) -> Dict[str, Dict[str, Any]]:
   """`deris_jax.evaluation.evaluate` on every split of `config.eval.train_splits` at tau
   `config.eval.train_score_threshold`."""
   model = nnx.merge(trainer.graphdef, nnx.State(state.params))
@@ -161,9 +144,9 @@ class _Run:
   state: state_lib.TrainState
   steps_per_epoch: int
   last_checkpoint: Optional[int]
-  eval_settings: Optional[checkpointing.BestSettings] = None
-  tracker: Optional[checkpointing.BestTracker] = None  # None: no best checkpoint
-  best_pending: Optional[checkpointing.Observation] = None  # to write after its train ckpt
+  eval_settings: Optional[best_lib.BestSettings] = None
+  tracker: Optional[best_lib.BestTracker] = None  # None: no best checkpoint
+  best_pending: Optional[best_lib.Observation] = None  # to write after its train ckpt
   losses: Dict[int, float] = dataclasses.field(default_factory=dict)
   eval_results: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
   pending: List[Dict[str, jax.Array]] = dataclasses.field(default_factory=list)
@@ -305,7 +288,7 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
   if config.train.max_steps:
     total = min(total, config.train.max_steps)
   # Checked before anything is built: a bad eval.best_metric fails now, not after an epoch.
-  eval_settings = checkpointing.BestSettings.from_config(config) if "eval" in config else None
+  eval_settings = best_lib.BestSettings.from_config(config) if "eval" in config else None
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=spe)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                     async_save=config.train.async_checkpoint)
@@ -338,7 +321,7 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
   if not has_eval and (tc.eval_every_steps or tc.eval_every_epochs):
     report.log("no evaluation: the config has no eval section with train_splits")
   if has_eval and eval_settings.metric:
-    run.tracker = checkpointing.BestTracker(eval_settings, meta.get("best"))
+    run.tracker = best_lib.BestTracker(eval_settings, meta.get("best"))
   stopped = "finished"
   try:
     if resumed_from is not None:

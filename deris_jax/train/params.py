@@ -1,11 +1,11 @@
-"""Parameter trees of the train state: the trainable/frozen split and the checkpoint layout.
+"""Parameter trees of the train state: the trainable/frozen split.
 
 The train state holds the model parameters as the NNX pure dict (`nnx.to_pure_dict` of
 `nnx.state(model, nnx.Param)`): nested dicts whose keys are attribute names (str) and list
-indices (int), so `nnx.merge(graphdef, nnx.State(params))` rebuilds the model. A parameter's
-*name* joins its path with dots ('decoder.query_SA.0.norm.scale'), the form the regex rules
-of the optimizer and sharding match (`deris_jax.trees`) and the `params` item of a checkpoint uses
-(`deris_jax.checkpoint`: nested dicts with string keys).
+indices (int), so `nnx.merge(graphdef, nnx.State(params))` rebuilds the model, and Orbax
+saves and restores it as it is (`deris_jax.checkpoints`). A parameter's *name* joins its path
+with dots ('decoder.query_SA.0.norm.scale'), the form the regex rules of the optimizer and
+sharding match (`deris_jax.trees`).
 """
 import re
 from typing import Any, Dict, Mapping, Sequence, Tuple
@@ -60,27 +60,3 @@ def merge_trees(a: Mapping, b: Mapping) -> Tree:
     else:
       out[key] = value
   return out
-
-
-def to_checkpoint_tree(params: Mapping) -> Tree:
-  """Train-state params (int list keys) -> the checkpoint `params` layout (string keys)."""
-  return {str(k): to_checkpoint_tree(v) if isinstance(v, Mapping) else v
-          for k, v in params.items()}
-
-
-def from_checkpoint_tree(tree: Mapping, template: Mapping, *, source: str = "checkpoint") -> Tree:
-  """A checkpoint `params` tree -> the key types and nesting of `template` (train params).
-
-  Raises KeyError naming the first dotted path of `template` missing from `tree`.
-  """
-  def convert(node, tmpl, prefix):
-    out = {}
-    for key, value in tmpl.items():
-      name = f"{prefix}{key}"
-      if str(key) not in node:
-        raise KeyError(f"{source}: parameter '{name}' is missing")
-      sub = node[str(key)]
-      out[key] = convert(sub, value, name + ".") if isinstance(value, Mapping) else sub
-    return out
-
-  return convert(tree, template, "")
