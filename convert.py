@@ -17,16 +17,18 @@ import pathlib
 import sys
 import time
 
+from flax import nnx
+
 from deris_jax import checkpoints
 from deris_jax.config_loader import load_config
 from deris_jax.convert import deris_checkpoint, pretrained, readers, torch_to_nnx
+from deris_jax.models.deris import abstract_model
 
 
 def convert_deris(args) -> int:
   config = load_config(args.config, args.override)
   src = pathlib.Path(args.checkpoint)
   t0 = time.time()
-  from deris_jax.models.deris import abstract_model
   shapes = {k: shape for k, (shape, _) in readers.read_checkpoint_shapes(src).items()}
   deris_checkpoint.plan_for_model(abstract_model(config.model),
                                   deris_checkpoint.deris_keys.strip_module_prefix(shapes),
@@ -48,8 +50,6 @@ def convert_deris(args) -> int:
 def convert_pretrained(args) -> int:
   config = load_config(args.config, args.override)
   t0 = time.time()
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from deris_jax.models.deris import abstract_model  # pylint: disable=g-import-not-at-top
   files = {pretrained.MASK2FORMER: pathlib.Path(args.mask2former),
            pretrained.BEIT3: pathlib.Path(args.beit3)}
   names = {role: path.name for role, path in files.items()}

@@ -16,10 +16,15 @@ import os
 import pathlib
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from deris_jax.train import dry_run as dry_run_lib
+from deris_jax.train import input as input_lib
+from deris_jax.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = "configs/synthetic.py"
@@ -42,8 +47,6 @@ def default_workdir(config_path: str) -> str:
 
 def dry_run(config, config_path: str) -> int:
   """`--dry_run`: no dataset (TensorFlow is not imported), abstract parameters only."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from deris_jax.train import dry_run as dry_run_lib  # pylint: disable=g-import-not-at-top
   main_process = jax.process_index() == 0
   say = (lambda line: print(line, flush=True)) if main_process else (lambda line: None)
   say(f"dry run of config {config_path} (no data read, no parameter allocated)")
@@ -65,13 +68,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   if "train" in config and config.train.distributed:
-    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
   config_path = flags.FLAGS["config"].config_filename
   if FLAGS.dry_run:
     return dry_run(config, config_path)
-  from deris_jax.train import input as input_lib  # pylint: disable=g-import-not-at-top
-  from deris_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = FLAGS.workdir or default_workdir(config_path)
   print(f"config {config_path}, workdir {workdir}", flush=True)
   input_lib.ensure_prepared(config.data)
