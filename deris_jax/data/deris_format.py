@@ -101,6 +101,16 @@ def _split_entries(entry: E.Entry, train: bool) -> list[E.Entry]:
   return [dataclasses.replace(entry, expressions=(text,)) for text in entry.expressions]
 
 
+def _records(data: dict, path: str, split: str):
+  """(index in the file, where, record, image id) of each entry of a split's list."""
+  records = data[split]
+  if not isinstance(records, list):
+    raise E.DataError(f"{path}: split '{split}' must be a list of entries")
+  for index, record in enumerate(records):
+    where = f"{path}: split '{split}' entry {index}"
+    yield index, where, record, E.as_int(E.field(record, "image_id", where), "image_id", where)
+
+
 def read_refcoco_mixed(manual_dir: str, report: E.SkipReport) -> dict[str, E.SplitData]:
   """`instances_nogoogle_withid.json` -> {split: SplitData} for the nine DeRIS splits."""
   path = E.require_file(os.path.join(manual_dir, MIXED_FILE),
@@ -110,13 +120,8 @@ def read_refcoco_mixed(manual_dir: str, report: E.SkipReport) -> dict[str, E.Spl
   _top_level_splits(data, path, MIXED_SPLITS)
   out = {}
   for split, source in MIXED_SPLITS.items():
-    records = data[split]
-    if not isinstance(records, list):
-      raise E.DataError(f"{path}: split '{split}' must be a list of entries")
     split_data = E.SplitData(entries=[], images={}, segmentations={})
-    for index, record in enumerate(records):
-      where = f"{path}: split '{split}' entry {index}"
-      image_id = E.as_int(E.field(record, "image_id", where), "image_id", where)
+    for index, where, record, image_id in _records(data, path, split):
       ann_id = record.get("id") if isinstance(record, dict) else None
       if isinstance(ann_id, bool) or not isinstance(ann_id, int) or ann_id <= 0:
         report.bad("annotation without a positive id",
@@ -182,13 +187,8 @@ def read_grefcoco(manual_dir: str, report: E.SkipReport) -> dict[str, E.SplitDat
   _top_level_splits(data, path, GREFCOCO_SPLITS)
   out = {}
   for split in GREFCOCO_SPLITS:
-    records = data[split]
-    if not isinstance(records, list):
-      raise E.DataError(f"{path}: split '{split}' must be a list of entries")
     split_data = E.SplitData(entries=[], images={}, segmentations={})
-    for index, record in enumerate(records):
-      where = f"{path}: split '{split}' entry {index}"
-      image_id = E.as_int(E.field(record, "image_id", where), "image_id", where)
+    for index, where, record, image_id in _records(data, path, split):
       expressions = E.field(record, "expressions", where)
       if not isinstance(expressions, dict) or "raw" not in expressions:
         raise E.DataError(f"{where}: 'expressions' must be an object with a 'raw' sentence, "
