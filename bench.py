@@ -324,7 +324,7 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args, rest = parser.parse_known_args(argv)
   if args.mode == "data":
-    from benchmarks import data_pipeline  # imports TensorFlow: only for this mode
+    from benchmarks import data_pipeline  # TF boundary: imports TensorFlow, this mode only
     data_pipeline.main(rest)
     return 0
   if rest:
