@@ -12,7 +12,7 @@ loop's evaluation, the dry run, bench.py and the parity check all run the model 
     not); the other keys are not read.
 
 Layering: this module sits on the model (deris_jax.models) and the batch contract
-(deris_jax.batch); inference, losses, training and the scripts build on it.
+(deris_jax.batch); inference, training, evaluation and the scripts build on it.
 """
 from typing import Any, Mapping, Optional
 
