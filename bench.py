@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from configs import common
+from deris_jax import forward
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.config_loader import load_config
@@ -183,22 +184,21 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   multiple every batch must be."""
   model = abstract_model(config.model)
   graphdef, _ = nnx.split(model)
-  state = nnx.State(random_params(P.model_params(model)))
+  params = random_params(P.model_params(model))
 
-  def forward(state, batch):
-    out = nnx.merge(graphdef, state)(batch["image"], batch["image_mini"], batch["text_ids"],
-                                     batch["text_padding_mask"])
+  def infer(params, batch):
+    out = forward.apply(graphdef, params, batch)
     return out.pred_masks, out.refer_logits, out.existence_logit
 
   def compile_at(b):
     shapes = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype)
               for k, v in random_batch(config.model, 1).items()}
-    return compiled_stats(jax.jit(forward).lower(state, shapes).compile())
+    return compiled_stats(jax.jit(infer).lower(params, shapes).compile())
 
   rows = []
   for b in batches:
     batch = jax.device_put(random_batch(config.model, b))
-    compile_s, step_s, stats = time_compiled(forward, (state, batch), warmup=args.warmup,
+    compile_s, step_s, stats = time_compiled(infer, (params, batch), warmup=args.warmup,
                                              steps=args.steps, profile=args.profile)
     rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats))
   return rows, compile_at, _compat_multiple(config.model)
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args, rest = parser.parse_known_args(argv)
   if args.mode == "data":
-    from benchmarks import data_pipeline  # imports TensorFlow: only for this mode
+    from benchmarks import data_pipeline  # TF boundary: imports TensorFlow, this mode only
     data_pipeline.main(rest)
     return 0
   if rest:

@@ -1,8 +1,8 @@
 """The batch contract between the input pipeline and the device programs (no TensorFlow here).
 
 `deris_jax/data/pipeline.py` produces these keys with these dtypes; the train step reads
-`TRAIN_KEYS`, the forward reads `MODEL_INPUTS` in this order, and the dry run builds abstract
-batches from `abstract` without reading any data.
+`TRAIN_KEYS`, the forward (`deris_jax.forward.apply`) reads `MODEL_INPUTS` in this order, and
+the dry run builds abstract batches from `abstract` without reading any data.
 """
 from typing import Dict, Sequence
 

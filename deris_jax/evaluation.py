@@ -1,9 +1,9 @@
 """The evaluation loop shared by eval.py and train.py: forward on every device, metrics on hosts.
 
 Here: the settings (`EvalSettings`, read from `config.eval` and checked against data and
-model) and the loop. The device program is `inference.forward_fn` + `inference.sample_counts`,
-the host side `deris_jax.records`, the placement of batches and parameters
-`deris_jax.sharding`.
+model) and the loop (`evaluate` of a model, `evaluate_params` of a model structure and its
+parameters). The device program is `inference.forward_fn` + `inference.sample_counts`, the
+host side `deris_jax.records`, the placement of batches and parameters `deris_jax.sharding`.
 
 Per batch, one jitted forward (batch sharded over every mesh axis, parameters replicated or as
 they come) and one jitted post-processing step run on the devices; only per-sample counts come
@@ -146,11 +146,11 @@ def _tail_counts(graphdef, params, batch, counts, num_real: int, settings: EvalS
     counts[k][rows] = np.asarray(v)
 
 
-def evaluate_local(graphdef, state, config: ml_collections.ConfigDict, split: str,
+def evaluate_local(graphdef, params, config: ml_collections.ConfigDict, split: str,
                    settings: EvalSettings, *, mesh: Mesh, process_index: int,
                    process_count: int) -> records_lib.LocalEval:
   """Runs this host's share of `split` (`process_index` of `process_count` data shards)."""
-  from deris_jax.data import pipeline  # TensorFlow: only when a dataset is read
+  from deris_jax.data import pipeline  # TF boundary: the pipeline imports TensorFlow
 
   global_batch = global_eval_batch(settings.batch_size, settings.group_size, process_count,
                                    mesh.size)
@@ -165,7 +165,7 @@ def evaluate_local(graphdef, state, config: ml_collections.ConfigDict, split: st
                      f"over {mesh.size} devices")
   S.check_groups_are_local(global_batch, settings.group_size, mesh)
   forward = inference.forward_fn(graphdef)
-  params = S.place_state(state, mesh)
+  params = S.place_state(params, mesh)
   accumulator = records_lib.Accumulator(settings)
 
   def dispatch(batch):  # asynchronous: the device works while the host collects
@@ -220,12 +220,23 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str, *
      'tau_sweep' ({tau: metrics}, with tau_sweep), 'num_truncated_expressions', 'protocol'
      (eval batch, group size, devices, processes, ...), 'seconds'}.
   """
+  graphdef, state = nnx.split(model)
+  return evaluate_params(graphdef, state, config, split, mesh=mesh, resolution=resolution,
+                         score_threshold=score_threshold, tau_sweep=tau_sweep,
+                         per_sample_path=per_sample_path)
+
+
+def evaluate_params(graphdef: nnx.GraphDef, params, config: ml_collections.ConfigDict,
+                    split: str, *, mesh: Optional[Mesh] = None, resolution: str = "reference",
+                    score_threshold: Optional[float] = None, tau_sweep: bool = False,
+                    per_sample_path: Optional[str] = None) -> Dict[str, Any]:
+  """`evaluate` of the model `graphdef` with `params` (as `forward.apply` takes them: the
+  training loop passes its state's parameters, sharded as they are)."""
   start = time.time()
   settings = settings_from_config(config, resolution=resolution,
                                   score_threshold=score_threshold, tau_sweep=tau_sweep)
   mesh = S.data_mesh() if mesh is None else mesh
-  graphdef, state = nnx.split(model)
-  local = evaluate_local(graphdef, state, config, split, settings, mesh=mesh,
+  local = evaluate_local(graphdef, params, config, split, settings, mesh=mesh,
                          process_index=jax.process_index(), process_count=jax.process_count())
   index = local.index
   results, records = records_lib.combine(records_lib.gather_local(local), settings, split=split,

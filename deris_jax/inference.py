@@ -28,9 +28,9 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from deris_jax import batch as batch_lib
+from deris_jax import forward
 
 Threshold = Union[float, jax.Array]
 
@@ -219,7 +219,8 @@ _FORWARDS: List[Tuple[Any, Callable]] = []  # (graphdef, jitted forward); GraphD
 def forward_fn(graphdef) -> Callable:
   """The jitted inference forward of a model structure, compiled once per structure and shape.
 
-  Returns fn(state, image, image_mini, text_ids, text_padding) ->
+  Returns fn(params, image, image_mini, text_ids, text_padding_mask) (`model_inputs` order;
+  params as `forward.apply` takes them) ->
   (pred_masks (B, N, H, W) f32, refer_logits (B, N, 2), existence_logit (B, 1)).
   """
   for known, fn in _FORWARDS:
@@ -227,8 +228,9 @@ def forward_fn(graphdef) -> Callable:
       return fn
 
   @jax.jit
-  def fn(state, image, image_mini, text_ids, text_padding):
-    out = nnx.merge(graphdef, state)(image, image_mini, text_ids, text_padding, train=False)
+  def fn(params, *inputs):
+    batch = dict(zip(batch_lib.MODEL_INPUTS, inputs, strict=True))
+    out = forward.apply(graphdef, params, batch)
     return out.pred_masks, out.refer_logits, out.existence_logit
 
   _FORWARDS.append((graphdef, fn))

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections as mlc
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deris_jax import trees
@@ -51,11 +52,10 @@ def make_mesh(mesh_config: mlc.ConfigDict, devices: Sequence[Any] = None) -> Mes
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
   try:  # topology-aware order (TPU/GPU); fsdp is the fastest-varying axis
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_device_mesh(shape, devices=devices,
                                          allow_split_physical_axes=True)
-  except (ImportError, AttributeError, ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(shape)  # plain order (CPU, or a jax without the helper)
+  except (AttributeError, ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)  # plain order (CPU, or a layout it cannot make)
   return Mesh(grid, (DATA, FSDP))
 
 

@@ -91,8 +91,9 @@ class FakeDeris(nnx.Module):
     self.offsets = nnx.Param(jnp.linspace(-1.0, 1.5, num_queries))
     self.group = group
 
-  def __call__(self, image, image_mini, text_ids, text_padding, *, train=False, rngs=None):
-    del image_mini, train, rngs
+  def __call__(self, image, image_mini, text_ids, text_padding, *, train=False, rngs=None,
+               taps=None):
+    del image_mini, train, rngs, taps
     return types.SimpleNamespace(**fake_outputs(image, text_ids, text_padding,
                                                 self.offsets[...], self.group, jnp))
 

@@ -14,7 +14,8 @@ def _beit3_loss_and_grads(fixture, inputs, *, train: bool, **options):
   graphdef, params = nnx.split(model.beit3)
 
   def loss(params):
-    tokens = nnx.merge(graphdef, params)(inputs[1], inputs[2], inputs[3], train=train,
+    tokens = nnx.merge(graphdef, params)(inputs["image_mini"], inputs["text_ids"],
+                                         inputs["text_padding_mask"], train=train,
                                          rngs=nnx.Rngs(dropout=0) if train else None)
     return jnp.sum(tokens ** 2)
 

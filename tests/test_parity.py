@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import deris_tiny
+from deris_jax import forward
 from deris_jax.parity import check
 
 
@@ -52,14 +53,14 @@ def test_compare_flags_a_wrong_tensor():
 
 
 def _outputs(model, inputs, sl=slice(None)):
-  graphdef, state = nnx.split(model)
+  graphdef, params = nnx.split(model)
 
   @jax.jit
-  def run(state, *args):
-    out = nnx.merge(graphdef, state)(*args)
+  def run(params, batch):
+    out = forward.apply(graphdef, params, batch)
     return out.refer_logits, out.pred_masks, out.existence_logit
 
-  return [np.asarray(x) for x in run(state, *check.model_inputs(inputs, sl))]
+  return [np.asarray(x) for x in run(params, check.model_inputs(inputs, sl))]
 
 
 def test_compat_group_size_one_gives_batch_of_one_values(fixture):

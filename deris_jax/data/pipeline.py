@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from typing import Any, Iterator
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -108,7 +109,6 @@ class SplitIndex:
 
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return process_index, process_count

@@ -21,6 +21,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import common
+from deris_jax import forward
 from deris_jax.convert import deris_checkpoint
 from deris_jax.models.deris import build_model
 from deris_jax.parity import fixture_losses
@@ -114,22 +115,25 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
   return np.transpose(x, (0, 2, 3, 1))
 
 
-def model_inputs(inputs: Dict[str, np.ndarray], sl=slice(None)):
-  return (nchw_to_nhwc(inputs["perception_image"][sl]), nchw_to_nhwc(inputs["cognition_image"][sl]),
-          inputs["text_ids"][sl].astype(np.int32), inputs["text_padding_mask"][sl].astype(bool))
+def model_inputs(inputs: Dict[str, np.ndarray], sl=slice(None)) -> Dict[str, np.ndarray]:
+  """The fixture's inputs (rows `sl`) as a batch of `batch.MODEL_INPUTS` (NHWC images)."""
+  return dict(image=nchw_to_nhwc(inputs["perception_image"][sl]),  # (B, H, W, 3)
+              image_mini=nchw_to_nhwc(inputs["cognition_image"][sl]),  # (B, h, w, 3)
+              text_ids=inputs["text_ids"][sl].astype(np.int32),  # (B, L)
+              text_padding_mask=inputs["text_padding_mask"][sl].astype(bool))  # (B, L)
 
 
 def run_with_taps(model, inputs, sl=slice(None)) -> Dict[str, np.ndarray]:
   """Runs the (eval-mode) forward under jit and returns every tap as numpy."""
-  graphdef, state = nnx.split(model)
+  graphdef, params = nnx.split(model)
 
   @jax.jit
-  def forward(state, *args):
+  def run(params, batch):
     taps = {}
-    nnx.merge(graphdef, state)(*args, taps=taps)
+    forward.apply(graphdef, params, batch, taps=taps)
     return taps
 
-  return jax.tree_util.tree_map(np.asarray, forward(state, *model_inputs(inputs, sl)))
+  return jax.tree_util.tree_map(np.asarray, run(params, model_inputs(inputs, sl)))
 
 
 def postprocess(taps: Dict[str, np.ndarray], image_hw, score_threshold: float,

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-from flax import nnx
 
 from deris_jax import batch as batch_lib
 from deris_jax import evaluation
@@ -315,9 +314,8 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
       inputs = batch_lib.abstract(config.data, b, sharding, keys=batch_lib.MODEL_INPUTS)
 
       stage = "eval forward"
-      forward = _lower(stage, inference.forward_fn(trainer.graphdef),
-                       (nnx.State(abstract_state(trainer).params),
-                        *(inputs[k] for k in batch_lib.MODEL_INPUTS)),
+      forward = _lower(stage, inference.forward_fn(trainer.graphdef),  # as the loop calls it
+                       (abstract_state(trainer).params, *inference.model_inputs(inputs)),
                        b, {k: v.shape for k, v in inputs.items()}, compile, progress)
       report.programs.append(forward)
 

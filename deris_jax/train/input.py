@@ -23,7 +23,7 @@ from deris_jax.data import order as order_lib
 
 def steps_per_epoch(data_config: mlc.ConfigDict, global_batch: int) -> Tuple[int, int]:
   """(steps per epoch, entries in the training split)."""
-  from deris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from deris_jax.data import pipeline  # TF boundary: the pipeline imports TensorFlow
   _, index = pipeline.open_split(data_config, data_config.train_split)
   if index.num_rows == 0:
     raise ValueError(f"training split '{data_config.train_split}' of {data_config.name} is "
@@ -43,7 +43,7 @@ def check_data(data_config: mlc.ConfigDict, model_config: mlc.ConfigDict,
   official criterion does (at most num_queries of them are matched, all count in the mask
   normaliser); that is worth a line in the log, not an error.
   """
-  from deris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from deris_jax.data import pipeline  # TF boundary: the pipeline imports TensorFlow
   builder, index = pipeline.open_split(data_config, data_config.train_split)
   vocab = pipeline.load_tokenizer(data_config, builder.info.metadata).vocab_size
   if vocab > model_config.beit3.vocab_size:
@@ -89,7 +89,7 @@ class TrainInput:
 
   def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Dict[str, np.ndarray]]:
     """The local batches of one epoch from `start_batch` on (only the keys the step reads)."""
-    from deris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from deris_jax.data import pipeline  # TF boundary: the pipeline imports TensorFlow
     t0 = time.perf_counter()
     data = pipeline.make_pipeline(
         self.data_config, self.data_config.train_split, train=True,
@@ -119,7 +119,7 @@ def ensure_prepared(data_config: mlc.ConfigDict, log=print) -> None:
   """Prepares the configured dataset if it needs no download and is not prepared yet."""
   if data_config.name not in SELF_PREPARING:
     return
-  from deris_jax.data import prepare, registry  # pylint: disable=g-import-not-at-top
+  from deris_jax.data import prepare, registry  # TF boundary: the builders import TFDS
   builder = registry.builder_class(data_config.name)(
       config=data_config.builder_config,
       data_dir=registry.data_dir_or_default(data_config.get("data_dir")))

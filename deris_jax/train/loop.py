@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import ml_collections as mlc
-from flax import nnx
 
 from deris_jax import checkpoints
 from deris_jax import evaluation
@@ -120,14 +119,14 @@ def _init_state(trainer, config, init_from, report):
 
 def _evaluate(state, trainer, config, step, report,
               settings: best_lib.BestSettings) -> Dict[str, Dict[str, Any]]:
-  """`deris_jax.evaluation.evaluate` on every split of `config.eval.train_splits` at tau
-  `config.eval.train_score_threshold`."""
-  model = nnx.merge(trainer.graphdef, nnx.State(state.params))
+  """`deris_jax.evaluation.evaluate_params` on every split of `config.eval.train_splits` at
+  tau `config.eval.train_score_threshold`."""
   results = {}
   for split in settings.splits:
     with jax.transfer_guard("allow"):
-      results[split] = evaluation.evaluate(model, config, split, mesh=trainer.mesh,
-                                           score_threshold=settings.score_threshold)
+      results[split] = evaluation.evaluate_params(trainer.graphdef, state.params, config, split,
+                                                  mesh=trainer.mesh,
+                                                  score_threshold=settings.score_threshold)
     metrics = dict(results[split]["metrics"], **results[split].get("extra_metrics", {}))
     report.eval_line(step, split, metrics, results[split]["score_threshold"])
     report.scalars(step, metrics, prefix=f"eval/{split}")

@@ -12,6 +12,8 @@ from typing import Dict, Mapping, Optional
 
 import jax
 import numpy as np
+import tensorboardX
+import tqdm
 
 # Metric name -> short console label, in console order (other metrics go to TensorBoard only).
 CONSOLE = (("loss", "loss"), ("total/loss_class", "cls"), ("total/loss_mask", "mask"),
@@ -39,15 +41,10 @@ class Reporter:
     if not self.is_main:
       return
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self._writer = tensorboardX.SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
     if sys.stderr.isatty():
-      try:
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
-                         dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
-      except ImportError:
-        self._bar = None
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
   def log(self, message: str) -> None:
     if not self.is_main:

@@ -18,9 +18,9 @@ from typing import Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from deris_jax import batch as batch_lib
+from deris_jax import forward
 from deris_jax import losses
 from deris_jax import sharding as S
 from deris_jax.train import optimizer as opt_lib
@@ -39,16 +39,10 @@ def make_loss_fn(trainer: Trainer) -> Callable:
   """(trainable, frozen, batch, key) -> (loss, metrics); differentiable in `trainable`."""
   config = trainer.config
 
-  def forward(params, inputs, dropout_key):
-    model = nnx.merge(trainer.graphdef, nnx.State(params))
-    out = model(*(inputs[k] for k in batch_lib.MODEL_INPUTS), train=True,
-                rngs=nnx.Rngs(dropout=dropout_key))
-    return model_loss_inputs(out)
-
   def loss_fn(trainable, frozen, batch, key):
     dropout_key, loss_key = jax.random.split(key)
-    inputs = {k: batch[k] for k in batch_lib.MODEL_INPUTS}
-    outputs = forward(P.merge_trees(trainable, frozen), inputs, dropout_key)
+    outputs = model_loss_inputs(forward.apply(trainer.graphdef, trainable, batch, frozen=frozen,
+                                              train=True, dropout_key=dropout_key))
     targets = {k: batch[k] for k in batch_lib.TARGETS}
     return losses.deris_loss(outputs, targets, loss_key, config=config.loss)
 
