@@ -1,5 +1,8 @@
 """Trains DeRIS: `python train.py --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]`.
 
+The parsed config (overrides applied) is checked once (`deris_jax.config_check`: values two
+sections share must agree) before anything else runs.
+
 With no arguments it runs the embedded default job: a small DeRIS on the synthetic shapes
 dataset (prepared on first use, no download), which learns in about ten minutes on a
 2-core CPU and prints its mIoU / gIoU. A workdir that already holds a checkpoint resumes
@@ -20,6 +23,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from deris_jax import config_check
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = "configs/synthetic.py"
@@ -64,6 +69,11 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax / TFDS info lines would drown the train log
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
+  try:
+    config_check.check_config(config)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
   if "train" in config and config.train.distributed:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()

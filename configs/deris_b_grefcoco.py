@@ -21,4 +21,4 @@ def get_config(arg=None):
   # is 4 per-GPU groups (num_masks all-reduced, class/existence means of per-GPU means).
   config.loss.normalizer = "official"
   config.eval = eval_common.eval_config("deris_b_grefcoco", config.data)
-  return config
+  return common.link_shared(config)
