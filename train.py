@@ -1,7 +1,8 @@
 """Trains DeRIS: `python train.py --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]`.
 
-The parsed config (overrides applied) is checked once (`deris_jax.config_check`: values two
-sections share must agree) before anything else runs.
+e.g. `--config configs/deris.py:variant=l,data=grefcoco` (or its alias
+configs/deris_l_grefcoco.py). The parsed config (overrides applied) is checked once
+(`deris_jax.config_check`: values two sections share must agree) before anything else runs.
 
 With no arguments it runs the embedded default job: a small DeRIS on the synthetic shapes
 dataset (prepared on first use, no download), which learns in about ten minutes on a
@@ -41,7 +42,12 @@ FLAGS = flags.FLAGS
 
 
 def default_workdir(config_path: str) -> str:
-  name = pathlib.Path(config_path.partition(":")[0]).stem
+  """workdir/<config file name>[_<its argument>], so that each variant has its own:
+  configs/deris.py:variant=l,data=grefcoco -> workdir/deris_variant-l_data-grefcoco."""
+  path, _, arg = config_path.partition(":")
+  name = pathlib.Path(path).stem
+  if arg:
+    name += "_" + arg.replace("=", "-").replace(",", "_").replace("/", "-")
   return str(ROOT / "workdir" / name)
 
 

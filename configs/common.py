@@ -1,5 +1,5 @@
 """Pieces shared by every config: model sizes of the released variants, the training sections,
-`parse_arg` for config arguments and `link_shared` for values two sections read.
+`parse_arg` / `choice` for config arguments and `link_shared` for values two sections read.
 
 Values mirror ../shared/design/reference.md; the comment on each names its section.
 """
@@ -39,6 +39,13 @@ def parse_arg(arg, **defaults):
         value = type(defaults[key])(value)
       out[key] = value
   return out
+
+
+def choice(name: str, value: str, options: dict):
+  """options[value], or a ValueError naming the config argument and the known values."""
+  if value not in options:
+    raise ValueError(f"unknown config argument {name}={value}; known: {sorted(options)}")
+  return options[value]
 
 
 def link_shared(config: mlc.ConfigDict) -> mlc.ConfigDict:

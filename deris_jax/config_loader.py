@@ -1,5 +1,6 @@
 """Loads `configs/X.py[:arg]` files (ml_collections `get_config(arg)`) with `key=value` overrides.
 
+e.g. `configs/deris.py:variant=l,data=grefcoco` or its alias `configs/deris_l_grefcoco.py`.
 train.py uses absl's `config_flags` for the same syntax; this is for the argparse commands
 (convert, eval, predict, bench) and for tests. Both run `config_check.check_config` on the
 result. Config files are read by path (the package never imports them); they import
@@ -19,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """'configs/deris_b_refcoco.py:arg' -> checked ConfigDict; overrides like
+  """'configs/deris.py:variant=b,data=refcoco' -> checked ConfigDict; overrides like
   'model.dtype=bfloat16' (an override of a shared value, e.g. model.image_size, moves both)."""
   path_str, _, arg = spec.partition(":")
   path = pathlib.Path(path_str)

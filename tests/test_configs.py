@@ -1,5 +1,8 @@
-"""The configs: their values pinned, linked shared values, the check.
+"""The configs: one DeRIS family file, its four released aliases, linked shared values, the check.
 
+The released names (configs/deris_{b,l}_{refcoco,grefcoco}.py) are aliases of
+configs/deris.py:variant=...,data=...; their values are pinned here as they were before the
+family file existed (a digest of the whole section tree and the fields that tell them apart).
 Values two sections share (`deris_jax.config_check.SHARED_FIELDS`) are one FieldReference:
 an override of either moves both, and `check_config` stops configs where they differ.
 """
@@ -15,13 +18,21 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
+from configs import deris
+from configs import deris_b_refcoco
 from deris_jax import config_check
 from deris_jax.config_loader import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RELEASED = {  # alias -> family argument
+    "deris_b_refcoco": "variant=b,data=refcoco",
+    "deris_b_grefcoco": "variant=b,data=grefcoco",
+    "deris_l_refcoco": "variant=l,data=refcoco",
+    "deris_l_grefcoco": "variant=l,data=grefcoco",
+}
 # sha256 (first 16 hex digits) of json.dumps(get_config().to_dict(), sort_keys=True), taken
-# before the configs linked their shared values. A deliberate change of a recipe updates the
-# digest here.
+# before the shared values were linked and the family file replaced the four released files.
+# A deliberate change of a recipe updates the digest here (and the fields below).
 DIGESTS = {
     "deris_b_refcoco": "a9120c94aa51bd93",
     "deris_b_grefcoco": "891f8ddd3ec32c9c",
@@ -32,6 +43,20 @@ DIGESTS = {
     "synthetic": "26dec0decd27ef81",
 }
 ALL_CONFIGS = sorted(DIGESTS)
+_REFCOCO_VAL = ("val_refcoco_unc", "val_refcocoplus_unc", "val_refcocog_umd")
+# (swin embed, beit3 embed, beit3 drop path, queries, query_SA group), (data name, max tokens,
+# max instances, global batch, official GPUs, NSC), (epochs, warmup, decay epochs),
+# (task, tau, training tau, best start epoch, training splits)
+PINNED = {
+    "deris_b_refcoco": ((96, 768, 0.1, 10, 16), ("refcoco_mixed", 20, 1, 64, 4, False),
+                        (20, 1, (15, 19)), ("ris", 0.7, 0.9, 10, _REFCOCO_VAL)),
+    "deris_b_grefcoco": ((96, 768, 0.1, 20, 1), ("grefcoco", 50, 32, 4, 4, True),
+                         (6, 0, (6,)), ("gres", 0.7, 0.7, 5, ("val",))),
+    "deris_l_refcoco": ((128, 1024, 0.0, 10, 16), ("refcoco_mixed", 20, 1, 64, 4, False),
+                        (20, 1, (15, 19)), ("ris", 0.7, 0.9, 15, _REFCOCO_VAL)),
+    "deris_l_grefcoco": ((128, 1024, 0.0, 20, 1), ("grefcoco", 50, 32, 4, 4, True),
+                         (6, 0, (6,)), ("gres", 0.9, 0.9, 3, ("val",))),
+}
 
 
 def _digest(config: ml_collections.ConfigDict) -> str:
@@ -42,6 +67,35 @@ def _digest(config: ml_collections.ConfigDict) -> str:
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_configs_keep_their_values(name):
   assert _digest(load_config(f"configs/{name}.py")) == DIGESTS[name]
+
+
+@pytest.mark.parametrize("alias", sorted(RELEASED))
+def test_released_name_is_an_alias_of_the_family(alias):
+  config = load_config(f"configs/{alias}.py")
+  family = load_config(f"configs/deris.py:{RELEASED[alias]}")
+  assert config.to_dict() == family.to_dict()
+  m, d, ev = config.model, config.data, config.eval
+  assert ((m.swin.embed_dim, m.beit3.embed_dim, m.beit3.drop_path_rate, m.num_queries,
+           m.compat_group_size), (d.name, d.max_tokens, d.max_instances, d.batch_size,
+                                  d.official_world_size, d.nsc.enabled),
+          (config.train.epochs, config.schedule.warmup_epochs, config.schedule.decay_epochs),
+          (ev.task, ev.score_threshold, ev.train_score_threshold, ev.best_start_epoch,
+           ev.train_splits)) == PINNED[alias]
+  assert (m.image_size, m.cognition_image_size, m.scan_layers) == ((384, 384), (224, 224), True)
+  assert (config.loss.normalizer, config.loss.official_world_size) == ("official", 4)
+
+
+def test_family_arguments():
+  assert load_config("configs/deris.py").to_dict() == deris_b_refcoco.get_config().to_dict()
+  with pytest.raises(ValueError, match=r"unknown config argument variant=xl; known: \['b', 'l'\]"):
+    deris.get_config("variant=xl")
+  with pytest.raises(ValueError, match=r"unknown config argument data=coco; known: "):
+    deris.get_config("data=coco")
+  with pytest.raises(ValueError, match=r"unknown config argument 'size'"):
+    deris.get_config("size=b")
+  with pytest.raises(ValueError, match=r"configs/deris_b_refcoco.py takes no argument \(got "
+                     r"'variant=l'\); use configs/deris.py:variant=b,data=refcoco"):
+    load_config("configs/deris_b_refcoco.py:variant=l")
 
 
 def _another(value):
@@ -133,3 +187,9 @@ def test_train_py_checks_the_parsed_config(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_default_workdir_keeps_variants_apart():
+  import train  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(train.default_workdir("configs/deris.py:variant=l,data=grefcoco"))
+  assert workdir == ROOT / "workdir" / "deris_variant-l_data-grefcoco"
+  assert pathlib.Path(train.default_workdir("configs/synthetic.py")) == (
+      ROOT / "workdir" / "synthetic")
