@@ -6,6 +6,7 @@ family file existed (a digest of the whole section tree and the fields that tell
 Values two sections share (`deris_jax.config_check.SHARED_FIELDS`) are one FieldReference:
 an override of either moves both, and `check_config` stops configs where they differ.
 """
+import ast
 import hashlib
 import json
 import pathlib
@@ -193,3 +194,17 @@ def test_default_workdir_keeps_variants_apart():
   assert workdir == ROOT / "workdir" / "deris_variant-l_data-grefcoco"
   assert pathlib.Path(train.default_workdir("configs/synthetic.py")) == (
       ROOT / "workdir" / "synthetic")
+
+
+def test_package_reads_configs_by_path_only():
+  """Nothing under deris_jax/ imports the top-level configs package or edits sys.path."""
+  for path in (ROOT / "deris_jax").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        modules = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        modules = [node.module or ""]
+      else:
+        continue
+      assert not any(m == "configs" or m.startswith("configs.") for m in modules), path
+  assert "sys.path" not in (ROOT / "deris_jax" / "config_loader.py").read_text()
