@@ -121,16 +121,25 @@ def test_one_override_moves_both_sections(name):
   assert linked == {"deris_tiny": 0}.get(name, len(config_check.SHARED_FIELDS))
 
 
-def test_config_flags_overrides_move_both_sections():
-  """train.py parses with absl config_flags: its --config.a.b overrides go through the links."""
-  argv = ["train.py", f"--config={ROOT / 'configs' / 'deris_micro.py'}",
-          "--config.data.image_size=(64,64)", "--config.model.max_tokens=16"]
+def _config_flag(*args) -> ml_collections.ConfigDict:
+  """The config as train.py's absl config_flags parses it from these arguments."""
+  argv = ["train.py", *args]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
   values(argv)
-  config = values.config
+  return values.config
+
+
+def test_config_flags_overrides_move_both_sections():
+  """train.py parses with absl config_flags: its --config.a.b overrides go through the links."""
+  config = _config_flag(f"--config={ROOT / 'configs' / 'deris_micro.py'}",
+                        "--config.data.image_size=(64,64)", "--config.model.max_tokens=16")
   assert (config.model.image_size, config.data.max_tokens) == ((64, 64), 16)
   config_check.check_config(config)
+  config = _config_flag(f"--config={ROOT / 'configs' / 'deris.py'}:variant=l,data=grefcoco",
+                        "--config.model.cognition_image_size=(384,384)")
+  assert config.to_dict() == load_config(
+      "configs/deris_l_grefcoco.py", ["data.cognition_image_size=(384, 384)"]).to_dict()
 
 
 def _plain(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
