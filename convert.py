@@ -79,7 +79,9 @@ def main(argv=None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("deris", help="an official DeRIS checkpoint (.pth / .safetensors)")
   p.add_argument("--checkpoint", required=True, help="DeRIS-{B,L}-{refcoco,grefcoco}.pth")
-  p.add_argument("--config", required=True, help="configs/deris_*.py[:arg] of the same variant")
+  p.add_argument("--config", required=True,
+                 help="config of the same variant, e.g. configs/deris.py:variant=b,data=refcoco "
+                 "(or its alias configs/deris_b_refcoco.py)")
   p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. model.compat_group_size=1")
@@ -89,7 +91,9 @@ def main(argv=None) -> int:
                  help="Mask2Former COCO-instance Swin checkpoint, e.g. model_final_1e7f22.pkl")
   p.add_argument("--beit3", required=True,
                  help="BEiT-3 pretrained checkpoint, e.g. beit3_base_patch16_224.zip (or .pth)")
-  p.add_argument("--config", required=True, help="configs/deris_*.py[:arg] of the variant")
+  p.add_argument("--config", required=True,
+                 help="config of the variant, e.g. configs/deris.py:variant=b,data=refcoco "
+                 "(or its alias configs/deris_b_refcoco.py)")
   p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
   p.add_argument("--seed", type=int, default=0,
                  help="build_model seed of the parameters no file provides")

@@ -215,15 +215,12 @@ def prepare_inputs(pairs, data_config, tokenizer) -> List[Dict[str, Any]]:
   return prepared
 
 
-def check_config(config) -> None:
+def require_data_section(config) -> None:
+  """predict reads the data section; its agreement with the model is checked at load time
+  (`load_config` -> `deris_jax.config_check`)."""
   if "data" not in config:
     raise PredictError("config has no 'data' section (configs/data_common.py): predict takes "
                        "the input sizes, normalisation and tokenizer from it")
-  data, model = config.data, config.model
-  for field in ("image_size", "cognition_image_size", "max_tokens"):
-    if np.any(np.asarray(data[field]) != np.asarray(model[field])):
-      raise PredictError(f"config data.{field} {data[field]} differs from model.{field} "
-                         f"{model[field]}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,8 +344,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   from deris_jax import checkpoints
   from deris_jax.config_loader import load_config
   try:
-    config = load_config(args.config, args.override)
-    check_config(config)
+    config = load_config(args.config, args.override)  # checks data against model
+    require_data_section(config)
     tau = args.score_threshold
     if tau is None:
       tau = config.eval.score_threshold if "eval" in config else 0.7  # §5 tools/test.py
@@ -357,8 +354,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pairs = prepare_inputs(read_pairs(args), config.data, load_tokenizer(config.data))
     directory = checkpoints.resolve(args.checkpoint, args.which)
     model, _ = checkpoints.load_model(directory, config.model, args.step)
-  except (PredictError, checkpoints.CheckpointError, FileNotFoundError, KeyError,
-          TypeError) as e:
+  except (PredictError, checkpoints.CheckpointError, FileNotFoundError, KeyError, TypeError,
+          ValueError) as e:  # ValueError: the config (load_config and its check)
     print(f"error: {e}", file=sys.stderr)
     return 1
   predictor = Predictor(model, config.model, tau)

@@ -1,5 +1,9 @@
 """Trains DeRIS: `python train.py --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]`.
 
+e.g. `--config configs/deris.py:variant=l,data=grefcoco` (or its alias
+configs/deris_l_grefcoco.py). The parsed config (overrides applied) is checked once
+(`deris_jax.config_check`: values two sections share must agree) before anything else runs.
+
 With no arguments it runs the embedded default job: a small DeRIS on the synthetic shapes
 dataset (prepared on first use, no download), which learns in about ten minutes on a
 2-core CPU and prints its mIoU / gIoU. A workdir that already holds a checkpoint resumes
@@ -22,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from deris_jax import config_check
 from deris_jax.train import dry_run as dry_run_lib
 from deris_jax.train import input as input_lib
 from deris_jax.train import loop
@@ -41,7 +46,12 @@ FLAGS = flags.FLAGS
 
 
 def default_workdir(config_path: str) -> str:
-  name = pathlib.Path(config_path.partition(":")[0]).stem
+  """workdir/<config file name>[_<its argument>], so that each variant has its own:
+  configs/deris.py:variant=l,data=grefcoco -> workdir/deris_variant-l_data-grefcoco."""
+  path, _, arg = config_path.partition(":")
+  name = pathlib.Path(path).stem
+  if arg:
+    name += "_" + arg.replace("=", "-").replace(",", "_").replace("/", "-")
   return str(ROOT / "workdir" / name)
 
 
@@ -67,6 +77,11 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax / TFDS info lines would drown the train log
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
+  try:
+    config_check.check_config(config)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
   if "train" in config and config.train.distributed:
     jax.distributed.initialize()
   config_path = flags.FLAGS["config"].config_filename

@@ -1,24 +1,10 @@
-"""DeRIS-L on RefCOCO/+/g: Swin-B (384) + BEiT3-large (reference.md §1).
+"""DeRIS-L on RefCOCO/+/g (Swin-B (384) + BEiT3-large; reference.md §1), a released name.
 
-Usage: `--config configs/deris_l_refcoco.py` (optionally `:arg`, see `parse_arg`).
+An alias of `configs/deris.py:variant=l,data=refcoco` (the family file holds the recipe).
+Usage: `--config configs/deris_l_refcoco.py`.
 """
-from configs import common
-from configs import data_common
-from configs import eval_common
+from configs import deris
 
 
 def get_config(arg=None):
-  del arg  # no variant arguments yet
-  config = common.mlc.ConfigDict()
-  config.model = common.model_config(swin="base384", beit3="large", num_queries=10,
-                                     max_tokens=20)
-  config.model.compat_group_size = 16  # official eval batch per GPU (§4, §8)
-  config.model.scan_layers = True  # one compiled BEiT-3 layer body (BENCHMARKS.md)
-  config.data = data_common.refcoco_data()  # §8; global batch 64 = 16 per GPU x 4 GPUs
-  # §9: 20 epochs, epoch 0 at lr/2 (warmup), x0.1 from epoch 14, x0.01 from epoch 18.
-  common.add_training(config, epochs=20, warmup_epochs=1, decay_epochs=(15, 19))
-  # The official objective: DDP over data.official_world_size (4) GPUs, so the global batch
-  # is 4 per-GPU groups (num_masks all-reduced, class/existence means of per-GPU means).
-  config.loss.normalizer = "official"
-  config.eval = eval_common.eval_config("deris_l_refcoco", config.data)
-  return config
+  return deris.released("l", "refcoco", arg)

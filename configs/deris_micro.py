@@ -26,7 +26,6 @@ def get_config(arg=None):
   model.existence.update(num_layers=1, num_heads=2, ffn_dim=32)
   config.model = model
   config.data = data_common.synthetic_data("tiny")
-  config.data.max_tokens = model.max_tokens
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
   config.data.eval_splits = ("val",)
@@ -43,4 +42,4 @@ def get_config(arg=None):
                       async_checkpoint=False, tensorboard=False)
   config.sharding.fsdp_min_size = 0  # shard even tiny leaves, so tests exercise fsdp
   config.eval = eval_common.eval_config("micro", config.data)  # tau 0.7 (reference.md §5)
-  return config
+  return common.link_shared(config)

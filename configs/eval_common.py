@@ -69,7 +69,8 @@ def eval_config(variant: str, data: mlc.ConfigDict, **overrides) -> mlc.ConfigDi
   Args:
     variant: a key of README_SCORE_THRESHOLDS, or any other name for tau = 0.7 (§5 test.py).
     data: the config's data section (its name picks the task, its eval_splits the splits).
-    **overrides: any field below.
+    **overrides: any field below (batch_size and splits are data's references: an override
+      moves data.eval_batch_size / data.eval_splits too).
   """
   if data.name not in TASKS:
     raise ValueError(f"data.name '{data.name}' has no evaluation task; known: {sorted(TASKS)}")
@@ -83,8 +84,9 @@ def eval_config(variant: str, data: mlc.ConfigDict, **overrides) -> mlc.ConfigDi
       # 'reference': the official protocol, model input size against nearest-resized GT (§5,
       # §10); 'original': logits resized (bilinear) to each image's own size.
       resolution="reference",
-      batch_size=data.eval_batch_size,  # global eval batch (§8); see the module docstring
-      splits=tuple(data.eval_splits),  # what `eval.py --split all` runs
+      # global eval batch (§8; see the module docstring): data.eval_batch_size's reference
+      batch_size=data.get_ref("eval_batch_size"),
+      splits=data.get_ref("eval_splits"),  # what `eval.py --split all` runs: data.eval_splits
       tau_grid=TAU_GRID,  # `--tau_sweep`: every tau from one pass over the data
       # --- Evaluation during training and the best checkpoint (module docstring) ---
       # Splits evaluated every train.eval_every_epochs and at the end of training (the

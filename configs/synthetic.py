@@ -50,4 +50,4 @@ def get_config(arg=None):
   # checkpoint is the highest val cIoU (best_metric; gIoU is the other GRES choice) from
   # epoch 0 on (best_start_epoch).
   config.eval = eval_common.eval_config("synthetic", config.data)
-  return config
+  return common.link_shared(config)

@@ -1,9 +1,11 @@
 """Loads `configs/X.py[:arg]` files (ml_collections `get_config(arg)`) with `key=value` overrides.
 
+e.g. `configs/deris.py:variant=l,data=grefcoco` or its alias `configs/deris_l_grefcoco.py`.
 train.py uses absl's `config_flags` for the same syntax; this is for the argparse commands
-(convert, eval, predict, bench) and for tests. Config files import `configs.common` and its
-siblings, so the repository root must be importable: it is for the commands (their folder)
-and for pytest (`pythonpath = .`).
+(convert, eval, predict, bench) and for tests. Both run `config_check.check_config` on the
+result. Config files are read by path (the package never imports them); they import
+`configs.common` and its siblings, so the repository root must be importable: it is for the
+commands (their folder) and for pytest (`pythonpath = .`).
 """
 import ast
 import importlib.util
@@ -12,11 +14,14 @@ from typing import Sequence
 
 import ml_collections
 
+from deris_jax import config_check
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """'configs/deris_b_refcoco.py:arg' -> ConfigDict; overrides like 'model.dtype=bfloat16'."""
+  """'configs/deris.py:variant=b,data=refcoco' -> checked ConfigDict; overrides like
+  'model.dtype=bfloat16' (an override of a shared value, e.g. model.image_size, moves both)."""
   path_str, _, arg = spec.partition(":")
   path = pathlib.Path(path_str)
   if not path.is_file() and (ROOT / path).is_file():
@@ -31,6 +36,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   config = module.get_config(arg or None)
   for item in overrides:
     apply_override(config, item)
+  config_check.check_config(config)
   return config
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from deris_jax import config_check
 from deris_jax import inference
 from deris_jax import metrics as M
 from deris_jax import records as records_lib
@@ -86,13 +87,14 @@ class EvalSettings:
 def settings_from_config(config: ml_collections.ConfigDict, *, resolution: str = "reference",
                          score_threshold: Optional[float] = None,
                          tau_sweep: bool = False) -> EvalSettings:
-  """Reads `config.eval` (configs/eval_common.py) and checks it against data and model."""
+  """Reads `config.eval` (configs/eval_common.py) and checks it; data and model must agree
+  (`config_check`, run here too for configs that did not come through `load_config`)."""
   if "eval" not in config:
     raise ValueError("config has no 'eval' section: add `config.eval = eval_common.eval_config("
                      "VARIANT, config.data)` (configs/eval_common.py)")
   if "data" not in config:
     raise ValueError("config has no 'data' section (configs/data_common.py)")
-  ev, data, model = config.eval, config.data, config.model
+  ev, model = config.eval, config.model
   if ev.task not in M.METRICS:
     raise ValueError(f"config eval.task '{ev.task}' is not one of {sorted(M.METRICS)}")
   if resolution not in RESOLUTIONS:
@@ -105,13 +107,7 @@ def settings_from_config(config: ml_collections.ConfigDict, *, resolution: str =
                        "eval.tau_grid / --score_threshold)")
   if tau_sweep and not grid:
     raise ValueError("config eval.tau_grid is empty: nothing to sweep")
-  for field in ("image_size", "cognition_image_size"):
-    if tuple(data[field]) != tuple(model[field]):
-      raise ValueError(f"config data.{field} {tuple(data[field])} differs from model.{field} "
-                       f"{tuple(model[field])}: the model would see another input size")
-  if data.max_tokens != model.max_tokens:
-    raise ValueError(f"config data.max_tokens {data.max_tokens} differs from model.max_tokens "
-                     f"{model.max_tokens}")
+  config_check.check_config(config)  # data and model read the same input sizes
   if int(ev.batch_size) < 1:
     raise ValueError(f"config eval.batch_size must be >= 1, got {ev.batch_size}")
   group = int(model.compat_group_size) if model.reference_compat else 1

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -104,14 +105,25 @@ def test_batch_dtypes_are_the_pipeline_contract():
   assert documented == {k: np.dtype(v) for k, v in batch_lib.DTYPES.items()}
 
 
+def _unlinked_data(config, **changes):
+  """`config` with a data section of plain values (not linked to the model's) and changes."""
+  config.data = ml_collections.ConfigDict(config.data.to_dict())
+  config.data.update(changes)
+  return config
+
+
 def test_data_and_model_disagreement_is_reported_before_anything_is_built():
+  # The configs link the shared values: an override moves the model's and the data's.
   config = load_config(MICRO, ["data.max_tokens=16"])
+  assert (config.model.max_tokens, config.data.max_tokens) == (16, 16)
+  # A config whose sections are not linked (assembled by hand) is stopped at the first stage.
+  config = _unlinked_data(load_config(MICRO), max_tokens=16)
   with pytest.raises(D.DryRunError) as info:
     D.dry_run(config, compile=False)
   assert str(info.value) == ("config check: config data.max_tokens 16 differs from "
-                             "model.max_tokens 12")
+                             "model.max_tokens 12: the model would see another text length")
   assert info.value.stage == "config check" and info.value.report.mesh is None
-  config = load_config(MICRO, ["data.cognition_image_size=(64, 64)"])
+  config = _unlinked_data(load_config(MICRO), cognition_image_size=(64, 64))
   with pytest.raises(D.DryRunError, match=r"data.cognition_image_size \(64, 64\) differs from "
                      r"model.cognition_image_size \(32, 32\)"):
     D.dry_run(config, compile=False)

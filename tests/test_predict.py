@@ -173,6 +173,9 @@ BAD_BATCH = [{"image": "street.jpg", "text": "fine"}, {"image": "missing.jpg", "
     ("not_json", "pairs.jsonl line 1: not JSON"),
     ("wrong_checkpoint", "the model built from the config"),
     ("no_best", "no best checkpoint in "),
+    # tiny_config's data section is built apart from its model (not linked): the load-time
+    # check (config_check) names both fields.
+    ("data_model", "config data.max_tokens 16 differs from model.max_tokens 12"),
 ])
 def test_bad_input(setup, tmp_path, capsys, case, message):
   root = setup["root"]
@@ -189,6 +192,8 @@ def test_bad_input(setup, tmp_path, capsys, case, message):
     extra = ["--image", image] + text
   if case == "wrong_checkpoint":
     extra += ["--override", "model.num_queries=5"]
+  if case == "data_model":
+    extra += ["--override", "data.max_tokens=16"]
   if case == "no_best":  # a training run's checkpoints without best/ yet
     extra += ["--which", "best"]
   out = tmp_path / "out"

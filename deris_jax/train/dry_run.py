@@ -32,6 +32,7 @@ import ml_collections as mlc
 import numpy as np
 
 from deris_jax import batch as batch_lib
+from deris_jax import config_check
 from deris_jax import evaluation
 from deris_jax import inference
 from deris_jax import sharding as S
@@ -140,21 +141,16 @@ class DryRunReport:
 # Pieces (each usable on its own; tests use them).
 # ------------------------------------------------------------------------------------------
 def check_data_model(config: mlc.ConfigDict) -> List[str]:
-  """The config sections training reads, and data/model agreement; -> lines of what matched."""
+  """The config sections training reads, and shared values (`config_check`); -> lines of what
+  matched."""
   missing = [s for s in TRAIN_SECTIONS if s not in config]
   if missing:
     raise ValueError(f"config has no {', '.join(missing)} section(s); training needs "
                      f"{', '.join(TRAIN_SECTIONS)} (configs/common.py add_training)")
+  config_check.check_config(config)
   data, model = config.data, config.model
-  checks = []
-  for field in ("image_size", "cognition_image_size"):
-    if tuple(data[field]) != tuple(model[field]):
-      raise ValueError(f"config data.{field} {tuple(data[field])} differs from model.{field} "
-                       f"{tuple(model[field])}: the model would see another input size")
-    checks.append(f"data.{field} = model.{field} = {tuple(model[field])}")
-  if int(data.max_tokens) != int(model.max_tokens):
-    raise ValueError(f"config data.max_tokens {data.max_tokens} differs from model.max_tokens "
-                     f"{model.max_tokens}")
+  checks = [f"data.{field} = model.{field} = {tuple(model[field])}"
+            for field in ("image_size", "cognition_image_size")]
   checks.append(f"data.max_tokens = model.max_tokens = {model.max_tokens}")
   if int(data.batch_size) < 1:
     raise ValueError(f"config data.batch_size must be >= 1, got {data.batch_size}")
