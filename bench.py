@@ -36,7 +36,7 @@ from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.models.deform_attn import ms_deform_attn_core
 from deris_jax.models.deris import abstract_model
-from deris_jax.train import params as P
+from deris_jax.train import params as params_lib
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -184,7 +184,7 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   multiple every batch must be."""
   model = abstract_model(config.model)
   graphdef, _ = nnx.split(model)
-  params = random_params(P.model_params(model))
+  params = random_params(params_lib.model_params(model))
 
   def infer(params, batch):
     out = forward.apply(graphdef, params, batch)

@@ -27,6 +27,12 @@ import pathlib
 import sys
 from typing import Any, Dict, List, Optional
 
+import jax
+
+from configs import eval_common
+from deris_jax import checkpoints, evaluation
+from deris_jax.config_loader import load_config
+
 
 def _number(value: float) -> str:
   return "nan" if value is None or math.isnan(value) else f"{value:.2f}"
@@ -93,12 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="call jax.distributed.initialize() (multi-host)")
   args = parser.parse_args(argv)
 
-  import jax
   if args.distributed:
     jax.distributed.initialize()
-  from configs import eval_common
-  from deris_jax import checkpoints, evaluation
-  from deris_jax.config_loader import load_config
   lead = jax.process_index() == 0
   try:
     config = load_config(args.config, args.override)
@@ -117,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     evaluation.settings_from_config(config, resolution=resolution,  # fail before loading
                                     score_threshold=args.score_threshold,
                                     tau_sweep=args.tau_sweep)
-    from deris_jax.data import pipeline  # TensorFlow (the input pipeline)
+    from deris_jax.data import pipeline  # TF boundary: only eval.py's data path needs it
     for split in splits:  # every split is prepared and known before anything runs
       pipeline.open_split(config.data, split)
     directory = checkpoints.resolve(args.checkpoint, args.which)

@@ -10,7 +10,7 @@ from deris_jax import losses
 from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.train import optimizer as opt_lib
-from deris_jax.train import params as P
+from deris_jax.train import params as params_lib
 from deris_jax.train import schedule as sched_lib
 from deris_jax.train import state as state_lib
 
@@ -100,9 +100,9 @@ def test_frozen_parameters_get_no_optimizer_state_and_groups_follow_the_rules():
   params = {"swin": {"a": jnp.ones((2,))}, "beit3": {"x": {"0": jnp.ones((3,))}},
             "pixel_decoder": {"k": jnp.ones((4,))}}
   config = common.optimizer_config()
-  trainable, frozen = P.split_frozen(params, config.frozen)
+  trainable, frozen = params_lib.split_frozen(params, config.frozen)
   assert trees.named_leaves(frozen).keys() == {"swin.a"}
-  assert P.merge_trees(trainable, frozen) == params
+  assert params_lib.merge_trees(trainable, frozen) == params
   state = opt_lib.build_optimizer(config, lambda s: 1e-4, trainable).init(trainable)
   assert not any("swin" in name for name in trees.named_leaves(state))
   assert opt_lib.param_groups(params, config) == {

@@ -20,7 +20,7 @@ import ml_collections as mlc
 import optax
 
 from deris_jax import trees
-from deris_jax.train import params as P
+from deris_jax.train import params as params_lib
 
 TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (norm + 1e-6)
 
@@ -106,14 +106,14 @@ def scale_by_learning_rate(schedule: Callable[[jax.Array], jax.Array],
 def lr_multiplier(name: str, opt_config: mlc.ConfigDict) -> float:
   """The learning-rate multiplier of a (trainable) parameter: the first matching rule, else 1."""
   for pattern, multiplier in opt_config.lr_multipliers:
-    if P.matches_any(name, (pattern,)):
+    if params_lib.matches_any(name, (pattern,)):
       return float(multiplier)
   return 1.0
 
 
 def param_groups(params, opt_config: mlc.ConfigDict) -> Dict[str, str]:
   """{parameter name: 'frozen' | 'lr x{multiplier}'}: who is trained at which rate."""
-  return {name: ("frozen" if P.matches_any(name, opt_config.frozen)
+  return {name: ("frozen" if params_lib.matches_any(name, opt_config.frozen)
                  else f"lr x{lr_multiplier(name, opt_config):g}")
           for name in trees.named_leaves(params)}
 

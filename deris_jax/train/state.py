@@ -22,7 +22,7 @@ from flax import nnx
 from deris_jax import sharding as S
 from deris_jax.models import deris as deris_model
 from deris_jax.train import optimizer as opt_lib
-from deris_jax.train import params as P
+from deris_jax.train import params as params_lib
 from deris_jax.train import schedule as sched_lib
 
 
@@ -49,13 +49,13 @@ class Trainer:
 
   def split_params(self, params):
     """(trainable, frozen) parameter trees."""
-    return P.split_frozen(params, self.frozen_patterns)
+    return params_lib.split_frozen(params, self.frozen_patterns)
 
 
 def frozen_patterns(config: mlc.ConfigDict) -> tuple:
   """The `optimizer.frozen` regexes, checked against `model.freeze_swin`."""
   patterns = tuple(config.optimizer.frozen)
-  swin_frozen = any(P.matches_any("swin.patch_embed.proj.kernel", (p,)) for p in patterns)
+  swin_frozen = any(params_lib.matches_any("swin.patch_embed.proj.kernel", (p,)) for p in patterns)
   if bool(config.model.get("freeze_swin", True)) != swin_frozen:
     raise ValueError(
         f"config model.freeze_swin={config.model.get('freeze_swin', True)} but "
@@ -68,7 +68,7 @@ def init_params_fn(model_config: mlc.ConfigDict) -> Callable[[jax.Array], Any]:
   """key -> freshly initialised params (the official initialisers; jit it)."""
   def init(key):
     model = deris_model.DeRIS(model_config, rngs=deris_model.KeySequence(key))
-    return P.model_params(model)
+    return params_lib.model_params(model)
   return init
 
 
@@ -78,7 +78,7 @@ def make_trainer(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, *, steps_per_e
   patterns = frozen_patterns(config)
   graphdef, _ = nnx.split(deris_model.abstract_model(config.model))
   abstract_params = jax.eval_shape(init_params_fn(config.model), jax.random.key(0))
-  trainable, _ = P.split_frozen(abstract_params, patterns)
+  trainable, _ = params_lib.split_frozen(abstract_params, patterns)
   lr_schedule = sched_lib.make_lr_schedule(
       config.optimizer.lr, config.schedule, epochs=config.train.epochs,
       steps_per_epoch=steps_per_epoch)
@@ -130,7 +130,7 @@ def fresh_params(trainer: Trainer, seed: int) -> Any:
     raise ValueError(f"unknown config train.init '{mode}'; known: {INIT_MODES}")
   if mode == "host":
     model = deris_model.build_model(trainer.config.model, seed)
-    return jax.tree.map(np.asarray, P.model_params(model))
+    return jax.tree.map(np.asarray, params_lib.model_params(model))
   init_key, _ = keys_from_seed(seed)
   return jax.jit(init_params_fn(trainer.config.model),
                  out_shardings=trainer.state_shardings.params)(init_key)

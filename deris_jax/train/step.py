@@ -24,7 +24,7 @@ from deris_jax import forward
 from deris_jax import losses
 from deris_jax import sharding as S
 from deris_jax.train import optimizer as opt_lib
-from deris_jax.train import params as P
+from deris_jax.train import params as params_lib
 from deris_jax.train.state import Trainer, TrainState
 
 
@@ -60,7 +60,7 @@ def train_step_fn(trainer: Trainer) -> Callable[[TrainState, dict], Tuple[TrainS
                                                                        batch, key)
     grad_norm = opt_lib.global_norm(grads)
     updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable)
-    new_params = P.merge_trees(optax.apply_updates(trainable, updates), frozen)
+    new_params = params_lib.merge_trees(optax.apply_updates(trainable, updates), frozen)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                           state.first_nonfinite_step)
