@@ -6,6 +6,7 @@ Values mirror ../shared/design/reference.md; the comment on each names its secti
 import ml_collections as mlc
 
 from deris_jax import config_check
+from deris_jax import losses
 
 # Perception backbones (reference.md §2).
 SWIN = {
@@ -101,25 +102,9 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
 
 
 def loss_config() -> mlc.ConfigDict:
-  """The objective (reference.md §6); equals `deris_jax.losses.default_loss_config()`."""
-  return mlc.ConfigDict(dict(
-      num_points=12544,  # §6 TRAIN_NUM_POINTS: matcher points and points per mask
-      oversample_ratio=3.0,  # §6 PointRend OVERSAMPLE_RATIO
-      importance_sample_ratio=0.75,  # §6 IMPORTANCE_SAMPLE_RATIO
-      class_weight=2.0,  # §6 weights: CLASS_WEIGHT
-      mask_weight=5.0,  # §6 MASK_WEIGHT (BCE)
-      dice_weight=5.0,  # §6 DICE_WEIGHT
-      cost_class=2.0,  # §6 matching cost: class x matching_cost_weight cls (1)
-      cost_mask=5.0,  # §6 matching cost: mask x matching_cost_weight mask (1)
-      cost_dice=5.0,  # §6 matching cost: dice x matching_cost_weight mask (1)
-      no_object_weight=0.1,  # §6 empty_weight[1]
-      aux_weight=0.2,  # §6 loss_weight['aux'] for each of the 3 auxiliary rounds
-      existence_weight=1.0,  # §6 existence loss weight
-      # §6 num_masks / DDP: "global" normalises over the global batch; "official" reproduces
-      # the DDP objective of official_world_size GPUs (deris_jax.losses module doc).
-      normalizer="global",
-      official_world_size=1,  # GPUs of the official run: global batch = per-GPU batch x this
-  ))
+  """The objective of the released models: `deris_jax.losses.default_loss_config()` (one home
+  for its values and their official names)."""
+  return losses.default_loss_config()
 
 
 def optimizer_config() -> mlc.ConfigDict:
