@@ -35,11 +35,16 @@ import pathlib
 import sys
 from typing import Any, Dict, List, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+from flax import nnx
 
+from deris_jax import checkpoints, inference
+from deris_jax.config_loader import load_config
 from deris_jax.data import text as text_lib
 from deris_jax.data import tokenizer as tok
 
@@ -230,10 +235,6 @@ class Predictor:
   """A loaded model: `run(prepared_pair)` -> mask at the image size and the decision."""
 
   def __init__(self, model, model_config, score_threshold: float):
-    import jax
-    from flax import nnx
-    from deris_jax import inference
-    self._jax, self._inference = jax, inference
     graphdef, self.state = nnx.split(model)
     self.forward = inference.forward_fn(graphdef)
     self.score_threshold = float(score_threshold)
@@ -243,8 +244,7 @@ class Predictor:
 
   def _mask_at_size(self, pred_masks, refer_logits, existence_logit, score_threshold,
                     existence_threshold, *, size, existence_veto):
-    inference = self._inference
-    orig_hw = self._jax.numpy.asarray([size], self._jax.numpy.int32)  # (1, 2)
+    orig_hw = jnp.asarray([size], jnp.int32)  # (1, 2)
     resized = inference.resize_logits_to_canvas(pred_masks, orig_hw, size)  # (1, N, h, w)
     return inference.predict(resized, refer_logits, existence_logit,
                              score_threshold=score_threshold, existence_veto=existence_veto,
@@ -341,8 +341,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="config override, e.g. model.existence_veto=True")
   args = parser.parse_args(argv)
 
-  from deris_jax import checkpoints
-  from deris_jax.config_loader import load_config
   try:
     config = load_config(args.config, args.override)  # checks data against model
     require_data_section(config)
