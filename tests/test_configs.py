@@ -182,6 +182,7 @@ def test_load_config_checks_the_loaded_config(tmp_path):
     load_config(str(path), ["data.max_tokens=16"])
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_train_py_checks_the_parsed_config(tmp_path):
   path = tmp_path / "unlinked.py"
   path.write_text("import ml_collections\n\ndef get_config(arg=None):\n"

@@ -43,6 +43,7 @@ def _shapes(infos) -> dict:
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in infos.items()}
 
 
+@pytest.mark.slow  # lowers a full-size model (~20 s each)
 @pytest.mark.parametrize("variant", sorted(PARAMS))
 def test_released_config_lowers_at_its_shapes_and_sizes(variant):
   config = load_config(str(ROOT / "configs" / f"{variant}.py"))
@@ -214,6 +215,7 @@ def _bytes(text: str) -> float:
   return float(value) * _UNITS[unit]
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_train_py_dry_run_prints_sizes_and_memory_and_exits_0():
   proc = _run_train_py(["--config", MICRO, "--dry_run"], importtime=True)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -247,6 +249,7 @@ def test_train_py_dry_run_prints_sizes_and_memory_and_exits_0():
   assert out.rstrip().endswith("ok: the config fits together on these devices")
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_train_py_dry_run_exits_1_with_one_error_line():
   proc = _run_train_py(["--config", MICRO, "--dry_run", "--config.data.batch_size=6"])
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,11 +6,13 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TF_FREE_MODULES = ("deris_jax.models.deris", "deris_jax.forward", "deris_jax.inference",
                    "deris_jax.train.step", "deris_jax.train.loop", "deris_jax.evaluation",
-                   "deris_jax.train.dry_run", "bench")
+                   "deris_jax.train.dry_run", "bench", "train", "predict")
 
 # Run in a fresh interpreter: other tests of the session import TensorFlow.
 _CHECK = f"""
@@ -22,6 +24,7 @@ print(' '.join(loaded[:5]))
 """
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_training_and_evaluation_import_without_tensorflow():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=ROOT, env=env, capture_output=True,

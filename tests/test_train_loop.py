@@ -355,6 +355,7 @@ def _run_train_py(args, timeout=600):
                         env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_train_py_stops_on_nan_and_keeps_the_last_good_checkpoint(setup, uninterrupted,
                                                                    tmp_path):
   """train.py resumes at step 11; zero std makes the images inf/NaN, so step 11 is not finite."""
@@ -403,6 +404,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path):
   directory, marker = tmp_path / "ckpt", tmp_path / "pending.txt"
   code = _KILL_CHILD.format(root=str(ROOT), config=str(ROOT / "configs" / "deris_micro.py"),

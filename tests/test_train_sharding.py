@@ -173,6 +173,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess or several processes
 def test_two_processes_equal_one(reference, tmp_path):
   ref = reference
   port = _free_port()
