@@ -1,11 +1,10 @@
 """Pieces shared by every config: model sizes of the released variants, the training sections,
-`parse_arg` / `choice` for config arguments and `link_shared` for values two sections read.
+`parse_arg` / `choice` for config arguments (values two sections read are linked by `deris_jax.config_check.link_shared`).
 
 Values mirror ../shared/design/reference.md; the comment on each names its section.
 """
 import ml_collections as mlc
 
-from deris_jax import config_check
 from deris_jax import losses
 
 # Perception backbones (reference.md §2).
@@ -47,29 +46,6 @@ def choice(name: str, value: str, options: dict):
   if value not in options:
     raise ValueError(f"unknown config argument {name}={value}; known: {sorted(options)}")
   return options[value]
-
-
-def link_shared(config: mlc.ConfigDict) -> mlc.ConfigDict:
-  """Makes every value two sections share (`config_check.SHARED_FIELDS`) one FieldReference.
-
-  The linked field then follows the owner field whatever is overridden, so `model.image_size`
-  and `data.image_size` cannot disagree. Both must hold the same value before (a ValueError
-  naming both otherwise: nothing is silently dropped); pairs already linked are kept.
-  """
-  config_check.check_config(config)
-  for owner, linked, _ in config_check.SHARED_FIELDS:
-    if config_check.lookup(config, owner)[0] and config_check.lookup(config, linked)[0]:
-      (owner_section, owner_field), (section, field) = owner.split("."), linked.split(".")
-      ref = config[owner_section].get_ref(owner_field)
-      # Only a plain field takes the reference itself (a reference field would chain to it,
-      # or form a cycle if it is this one), so read the field without resolving it.
-      current = dict(config[section].items(preserve_field_references=True))[field]
-      if current is not ref:
-        if isinstance(current, mlc.FieldReference):
-          raise ValueError(f"config {linked} already holds a FieldReference of its own; "
-                           f"build it as a plain value to link it to {owner}")
-        config[section][field] = ref
-  return config
 
 
 def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) -> mlc.ConfigDict:

@@ -8,6 +8,7 @@ the four combinations.
 from configs import common
 from configs import data_common
 from configs import eval_common
+from deris_jax import config_check
 
 VARIANTS = {  # §1: perception backbone (§2) and cognition encoder (§3)
     "b": dict(swin="small", beit3="base"),
@@ -47,7 +48,7 @@ def get_config(arg=None):
   # is 4 per-GPU groups (num_masks all-reduced, class/existence means of per-GPU means).
   config.loss.normalizer = "official"
   config.eval = eval_common.eval_config(f"deris_{arg.variant}_{arg.data}", config.data)
-  return common.link_shared(config)
+  return config_check.link_shared(config)
 
 
 def released(variant: str, data: str, arg=None):

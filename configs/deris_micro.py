@@ -8,6 +8,7 @@ Usage: `--config configs/deris_micro.py`.
 from configs import common
 from configs import data_common
 from configs import eval_common
+from deris_jax import config_check
 
 
 def get_config(arg=None):
@@ -42,4 +43,4 @@ def get_config(arg=None):
                       async_checkpoint=False, tensorboard=False)
   config.sharding.fsdp_min_size = 0  # shard even tiny leaves, so tests exercise fsdp
   config.eval = eval_common.eval_config("micro", config.data)  # tau 0.7 (reference.md §5)
-  return common.link_shared(config)
+  return config_check.link_shared(config)

@@ -17,6 +17,7 @@ What differs from the released recipes, and why:
 from configs import common
 from configs import data_common
 from configs import eval_common
+from deris_jax import config_check
 
 
 def get_config(arg=None):
@@ -50,4 +51,4 @@ def get_config(arg=None):
   # checkpoint is the highest val cIoU (best_metric; gIoU is the other GRES choice) from
   # epoch 0 on (best_start_epoch).
   config.eval = eval_common.eval_config("synthetic", config.data)
-  return common.link_shared(config)
+  return config_check.link_shared(config)

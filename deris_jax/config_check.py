@@ -3,7 +3,7 @@
 Some values are read by two sections: the model's input sizes and text length by the data
 pipeline, the official GPU count by the sampler (data) and the loss, the eval batch and splits
 by the data and eval sections. The configs hold each as one ml_collections FieldReference
-(configs/common.py `link_shared`), so one override (`model.image_size=...`) moves both;
+(`link_shared` below), so one override (`model.image_size=...`) moves both;
 `check_config` catches configs assembled another way (by hand, or with a reference replaced)
 where the two differ. It runs once when a config loads (`config_loader.load_config`, train.py)
 and where a config enters a library entry point (`evaluation.settings_from_config`, the dry
@@ -47,3 +47,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if has_owner and has_linked and _comparable(owner_value) != _comparable(linked_value):
       raise ValueError(f"config {linked} {_comparable(linked_value)} differs from {owner} "
                        f"{_comparable(owner_value)}: {consequence}")
+
+
+def link_shared(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Makes every value two sections share (`SHARED_FIELDS`) one FieldReference.
+
+  The linked field then follows the owner field whatever is overridden, so `model.image_size`
+  and `data.image_size` cannot disagree. Both must hold the same value before (a ValueError
+  naming both otherwise: nothing is silently dropped); pairs already linked are kept.
+  """
+  check_config(config)
+  for owner, linked, _ in SHARED_FIELDS:
+    if lookup(config, owner)[0] and lookup(config, linked)[0]:
+      (owner_section, owner_field), (section, field) = owner.split("."), linked.split(".")
+      ref = config[owner_section].get_ref(owner_field)
+      # Only a plain field takes the reference itself (a reference field would chain to it,
+      # or form a cycle if it is this one), so read the field without resolving it.
+      current = dict(config[section].items(preserve_field_references=True))[field]
+      if current is not ref:
+        if isinstance(current, ml_collections.FieldReference):
+          raise ValueError(f"config {linked} already holds a FieldReference of its own; "
+                           f"build it as a plain value to link it to {owner}")
+        config[section][field] = ref
+  return config

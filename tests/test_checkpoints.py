@@ -6,6 +6,7 @@ import pytest
 from deris_jax import checkpoints, trees
 from deris_jax.convert import errors as convert_errors
 from deris_jax.convert import readers
+from deris_jax.config_loader import load_config
 
 EXPECTED = {"a.kernel": jax.ShapeDtypeStruct((2, 3), np.float32),
             "a.bias": jax.ShapeDtypeStruct((3,), np.float32),
@@ -70,3 +71,26 @@ def test_one_error_class_for_directories_and_official_files(tmp_path):
     readers.read_checkpoint(tmp_path / "missing.pth")
   with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
     checkpoints.latest_step(tmp_path / "missing")
+
+
+def test_a_checkpoint_carries_its_config_linked_again(tmp_path):
+  config = load_config("configs/synthetic.py")
+  checkpoints.save_params(tmp_path / "ck", {"w": np.zeros(2, np.float32)},
+                          metadata={"kind": "converted", "config": config.to_dict()})
+  stored = checkpoints.stored_config(tmp_path / "ck")
+  assert stored.to_dict() == config.to_dict()
+  stored.model.image_size = (96, 96)  # the data section follows, as in a config file
+  assert stored.data.image_size == (96, 96)
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"kind": "train"}, "holds no config"),
+    ({"kind": "train", "config": {"data": {}}}, "without a 'model' section"),
+    ({"kind": "train", "config": {"model": {"image_size": 64}, "data": {"image_size": 32}}},
+     "stored config is inconsistent.*data.image_size"),
+])
+def test_a_checkpoint_without_a_usable_config_says_to_pass_one(tmp_path, meta, message):
+  checkpoints.save_params(tmp_path / "ck", {"w": np.zeros(2, np.float32)}, metadata=meta)
+  with pytest.raises(checkpoints.CheckpointError, match=message) as info:
+    checkpoints.stored_config(tmp_path / "ck")
+  assert "pass --config configs/X.py[:arg]" in str(info.value)

@@ -18,7 +18,6 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import common
 from configs import deris
 from configs import deris_b_refcoco
 from deris_jax import config_check
@@ -168,7 +167,7 @@ def test_check_names_both_fields(field, value, message):
   with pytest.raises(ValueError, match=message):
     config_check.check_config(config)
   with pytest.raises(ValueError, match=message):  # sections that disagree are never linked
-    common.link_shared(config)
+    config_check.link_shared(config)
 
 
 def test_load_config_checks_the_loaded_config(tmp_path):

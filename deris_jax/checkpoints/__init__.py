@@ -4,6 +4,7 @@
   manager.py   the CheckpointManager factory, item names, steps and metadata
   params.py    save_params / restore_params, merge_params (partial initialisation), load_model
   select.py    resolve: which directory `--checkpoint D --which latest|best` designates
+  stored_config.py  stored_config: the config a checkpoint was written with
 The train-state checkpointer (`deris_jax.train.checkpointing`) is built on the same factory.
 """
 from deris_jax.checkpoints.errors import CheckpointError
@@ -11,7 +12,8 @@ from deris_jax.checkpoints.manager import (BEST_DIRECTORY, META, PARAMS, WHICH, 
                                            latest_step, manager, restore_args, restore_meta)
 from deris_jax.checkpoints.params import load_model, merge_params, restore_params, save_params
 from deris_jax.checkpoints.select import resolve
+from deris_jax.checkpoints.stored_config import stored_config
 
 __all__ = ["BEST_DIRECTORY", "CheckpointError", "META", "PARAMS", "WHICH", "all_steps",
            "latest_step", "load_model", "manager", "merge_params", "resolve", "restore_args",
-           "restore_meta", "restore_params", "save_params"]
+           "restore_meta", "restore_params", "save_params", "stored_config"]
