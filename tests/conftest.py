@@ -19,7 +19,10 @@ import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
+
+from tests import eval_helpers  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("DERIS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
@@ -57,3 +60,26 @@ def tiny_outputs(tiny_dir) -> dict:
 def tiny_state_dict(tiny_dir) -> dict:
   from safetensors.numpy import load_file
   return load_file(str(tiny_dir / "state_dict.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def predict_setup(tmp_path_factory, tiny_state_dict) -> dict:
+  """The fixture's tiny DeRIS as a training run leaves it (its config stored in the
+  checkpoint), the tiny synthetic set it reads its tokenizer from, a config file naming both,
+  and a JPEG, a PNG and a corrupt file to predict on; shared by the predictor, predict.py and
+  demo tests so that the predictor's programs compile once per run."""
+  root = tmp_path_factory.mktemp("predict")
+  data_dir = eval_helpers.prepare_synthetic(root)
+  config = eval_helpers.tiny_config(data_dir)
+  rng = np.random.default_rng(0)
+  jpeg = root / "street.jpg"
+  PIL.Image.fromarray(rng.integers(0, 256, (37, 61, 3), np.uint8)).save(jpeg, quality=90)
+  png = root / "shapes.png"
+  PIL.Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(png)
+  corrupt = root / "corrupt.jpg"
+  corrupt.write_bytes(jpeg.read_bytes()[:200])
+  return {"config": eval_helpers.write_config_file(root / "tiny_synthetic.py", data_dir),
+          "checkpoint": eval_helpers.write_train_like_checkpoint(root / "ckpt", tiny_state_dict,
+                                                                 config),
+          "config_dict": config, "root": root, "jpeg": str(jpeg), "png": str(png),
+          "corrupt": str(corrupt)}

@@ -1,83 +1,24 @@
-"""predict.py: preprocessing equal to the data pipeline, end to end on a tiny model, bad input."""
-import io
+"""predict.py: the command over deris_jax.predictor, end to end on a tiny model, bad input."""
 import json
 
 import numpy as np
 import PIL.Image
 import pytest
-from flax import nnx
 
 import predict
-from deris_jax import checkpoints, inference
-from deris_jax.data import pipeline
-from deris_jax.data import pipeline_ops as ops
-from deris_jax.data import synthetic
-from deris_jax.ops import resize
-from tests import eval_helpers as H
+from deris_jax import checkpoints, overlay, predictor as predictor_lib
 
 TAU = 0.46  # the fixture's random weights score ~0.4-0.52
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_state_dict):
-  root = tmp_path_factory.mktemp("predict")
-  data_dir = H.prepare_synthetic(root)
-  config = H.tiny_config(data_dir)
-  rng = np.random.default_rng(0)
-  jpeg = root / "street.jpg"
-  PIL.Image.fromarray(rng.integers(0, 256, (37, 61, 3), np.uint8)).save(jpeg, quality=90)
-  png = root / "shapes.png"
-  PIL.Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(png)
-  corrupt = root / "corrupt.jpg"
-  corrupt.write_bytes(jpeg.read_bytes()[:200])
-  return {"config": H.write_config_file(root / "tiny_synthetic.py", data_dir),
-          "checkpoint": H.write_train_like_checkpoint(root / "ckpt", tiny_state_dict, config),
-          "config_dict": config, "root": root, "jpeg": str(jpeg), "png": str(png),
-          "corrupt": str(corrupt)}
+def setup(predict_setup):
+  return predict_setup
 
 
 def _argv(setup, out, *extra):
-  return ["--config", setup["config"], "--checkpoint", setup["checkpoint"], "--out", str(out),
+  return ["--checkpoint", setup["checkpoint"], "--out", str(out),
           "--score_threshold", str(TAU), *extra]
-
-
-# ------------------------------------------------------------------------------------------
-# Preprocessing: numpy/Pillow = the tf.data pipeline.
-# ------------------------------------------------------------------------------------------
-def test_preprocessing_equals_the_pipeline_batch(setup):
-  """The synthetic val split through the pipeline vs predict's path on the same PNG files."""
-  data = setup["config_dict"].data  # 32x32 images -> 128x128 and 64x64
-  pipe = pipeline.make_pipeline(data, "val", train=False, batch_size=24, process_index=0,
-                                process_count=1)
-  batch = next(pipeline.as_numpy(pipe.dataset))
-  tiny = next(c for c in synthetic.DerisSynthetic.BUILDER_CONFIGS if c.name == "tiny")
-  images = synthetic.generate_split(tiny, "val", dict(tiny.num_images)["val"]).images
-  tokenizer = predict.load_tokenizer(data)  # from the dataset's metadata.json, without TF
-  for i, example_id in enumerate(batch["example_id"]):
-    info = pipe.index.describe(example_id)
-    pixels = np.asarray(PIL.Image.open(io.BytesIO(images[info.image_id].data)).convert("RGB"))
-    ours = predict.preprocess_image(pixels, data)
-    np.testing.assert_array_equal(ours["image"][0], batch["image"][i])
-    np.testing.assert_array_equal(ours["image_mini"][0], batch["image_mini"][i])
-    text = predict.encode_text(tokenizer, info.expressions[0], data.max_tokens)
-    np.testing.assert_array_equal(text["text_ids"][0], batch["text_ids"][i])
-    np.testing.assert_array_equal(text["text_padding_mask"][0], batch["text_padding_mask"][i])
-
-
-@pytest.mark.parametrize("size, out", [((37, 61), (384, 384)), ((480, 640), (224, 224)),
-                                       ((333, 500), (384, 384)), ((50, 40), (48, 40))])
-def test_jpeg_decode_and_resize_equal_the_tf_ops(tmp_path, size, out):
-  rng = np.random.default_rng(size[0])
-  ramp = np.add.outer(np.arange(size[0]), 2 * np.arange(size[1]))[..., None] * [1, 2, 3]
-  pixels = np.where(rng.random(size)[..., None] < 0.5, ramp % 256,
-                    rng.integers(0, 256, size + (3,))).astype(np.uint8)
-  path = tmp_path / "x.jpg"
-  PIL.Image.fromarray(pixels).save(path, quality=90)
-  decoded_tf = ops.decode_image(path.read_bytes()).numpy()  # the pipeline's TF ops
-  decoded = predict.load_image(str(path))
-  np.testing.assert_array_equal(decoded, decoded_tf)
-  resized_tf = ops.resize_bilinear_uint8(decoded_tf, out).numpy()
-  np.testing.assert_array_equal(predict.resize_bilinear_uint8(decoded, out), resized_tf)
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,50 +28,36 @@ def test_jpeg_decode_and_resize_equal_the_tf_ops(tmp_path, size, out):
 def single_run(setup, tmp_path_factory):
   out = tmp_path_factory.mktemp("single")
   assert predict.main(_argv(setup, out, "--image", setup["jpeg"], "--text",
-                            "The red circle!")) == 0
+                            "The red circle!", "--per_query")) == 0
   with open(out / "street.json") as f:
     return out, json.load(f)
 
 
-def test_single_pair_outputs(setup, single_run):
+def test_the_checkpoint_alone_is_enough_and_outputs_match_the_predictor(setup, single_run):
   out, summary = single_run
-  assert sorted(p.name for p in out.iterdir()) == ["street.json", "street.mask.png",
-                                                   "street.overlay.png"]
+  result = predictor_lib.Predictor.from_checkpoint(setup["checkpoint"]).predict(
+      setup["jpeg"], "The red circle!", score_threshold=TAU)
+  panels = [f"street.query{q}.png" for q in result.selected]
+  assert len(panels) >= 1 and summary["query_pngs"] == panels
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      ["street.json", "street.mask.png", "street.overlay.png"] + panels)
   mask = np.asarray(PIL.Image.open(out / "street.mask.png"))
   assert mask.shape == (37, 61) and set(np.unique(mask)) <= {0, 255}
-  scores = np.asarray(summary["scores"])
-  assert summary["image_size"] == [37, 61] and len(scores) == 10
-  assert summary["selected_queries"] == [int(q) for q in np.flatnonzero(scores > TAU)]
-  assert summary["no_target"] == (not summary["selected_queries"])
-  assert summary["mask_area"] == int((mask == 255).sum()) > 0
-  assert summary["score_threshold"] == TAU and summary["truncated"] is False
-  overlay = PIL.Image.open(out / "street.overlay.png")
-  assert overlay.size[0] >= 61 and overlay.size[1] > 37
-  tinted = np.asarray(overlay.convert("RGB"))[:37, :61].astype(int)
-  original = predict.load_image(setup["jpeg"]).astype(int)
-  on = mask == 255
-  np.testing.assert_array_equal(tinted[~on], original[~on])  # untouched outside the mask
-  assert (tinted[on][:, 0] >= original[on][:, 0]).all()  # tinted red inside
+  np.testing.assert_array_equal(mask == 255, result.mask)
+  assert summary["scores"] == [round(float(s), 6) for s in result.scores]
+  assert summary["selected_queries"] == result.selected.tolist()
+  assert summary["no_target"] is False and summary["mask_area"] == int(result.mask.sum()) > 0
+  assert summary["image_size"] == [37, 61] and summary["score_threshold"] == TAU
+  assert summary["truncated"] is False and summary["checkpoint"].endswith("ckpt")
 
 
-def test_mask_is_the_union_of_selected_queries_at_the_image_size(setup, single_run):
-  """Independent check: the model's logits resized with ops.resize (torch's bilinear)."""
-  _, summary = single_run
-  config = setup["config_dict"]
-  model, _ = checkpoints.load_model(setup["checkpoint"], config.model)
-  inputs = predict.preprocess_image(predict.load_image(setup["jpeg"]), config.data)
-  text = predict.encode_text(predict.load_tokenizer(config.data), "The red circle!",
-                             config.data.max_tokens)
-  graphdef, state = nnx.split(model)
-  logits, refer, _ = inference.forward_fn(graphdef)(
-      state, inputs["image"], inputs["image_mini"], text["text_ids"],
-      text["text_padding_mask"])
-  scores = np.asarray(inference.refer_scores(refer))[0]
-  np.testing.assert_allclose(scores, summary["scores"], atol=1e-6)
-  resized = np.asarray(resize.resize_bilinear(logits, (37, 61), align_corners=False))[0]
-  want = (resized[scores > TAU] >= 0).any(axis=0)  # (37, 61)
-  mask = np.asarray(PIL.Image.open(single_run[0] / "street.mask.png")) == 255
-  assert (mask == want).mean() > 0.999 and want.sum() > 0
+def test_overlays_are_upscaled_pictures_of_the_masks(setup, single_run):
+  out, summary = single_run
+  scale = overlay.display_scale(37, 61)
+  assert scale * 61 >= overlay.MIN_DISPLAY_SIDE
+  for name in ["street.overlay.png"] + summary["query_pngs"]:
+    width, height = PIL.Image.open(out / name).size
+    assert width == 61 * scale and height > 37 * scale, name
 
 
 def test_batch_file(setup, tmp_path, capsys):
@@ -176,6 +103,9 @@ BAD_BATCH = [{"image": "street.jpg", "text": "fine"}, {"image": "missing.jpg", "
     # tiny_config's data section is built apart from its model (not linked): the load-time
     # check (config_check) names both fields.
     ("data_model", "config data.max_tokens 16 differs from model.max_tokens 12"),
+    ("older_layout", "its metadata holds no config (a checkpoint from an older layout); pass "
+                     "--config configs/X.py[:arg]"),
+    ("bad_tau", "score threshold (tau) 1.5 must be in [0, 1)"),
 ])
 def test_bad_input(setup, tmp_path, capsys, case, message):
   root = setup["root"]
@@ -192,8 +122,14 @@ def test_bad_input(setup, tmp_path, capsys, case, message):
     extra = ["--image", image] + text
   if case == "wrong_checkpoint":
     extra += ["--override", "model.num_queries=5"]
-  if case == "data_model":
-    extra += ["--override", "data.max_tokens=16"]
+  if case == "data_model":  # the config file, not the (linked) stored config
+    extra += ["--config", setup["config"], "--override", "data.max_tokens=16"]
+  if case == "older_layout":
+    old = tmp_path / "old"
+    checkpoints.save_params(old, {"w": np.zeros(2, np.float32)}, metadata={"kind": "train"})
+    extra += ["--checkpoint", str(old)]
+  if case == "bad_tau":
+    extra += ["--score_threshold", "1.5"]
   if case == "no_best":  # a training run's checkpoints without best/ yet
     extra += ["--which", "best"]
   out = tmp_path / "out"

@@ -195,16 +195,15 @@ def test_evaluates_every_k_steps_and_at_the_end(uninterrupted):
 
 
 def test_predict_runs_on_the_train_checkpoint(setup, uninterrupted, tmp_path):
-  """predict.py reads what train.py writes (params item, tokenizer from the dataset)."""
+  """predict.py reads what train.py writes (params item, its stored config, the tokenizer
+  from the dataset) with `--checkpoint` alone."""
   import predict  # pylint: disable=g-import-not-at-top
   from deris_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   tiny = next(c for c in synthetic.DerisSynthetic.BUILDER_CONFIGS if c.name == "tiny")
   image = synthetic.generate_split(tiny, "val", 1).images[1]
   png = tmp_path / "shapes.png"
   png.write_bytes(image.data)
-  rc = predict.main(["--config", str(ROOT / "configs" / "deris_micro.py"),
-                     "--checkpoint", str(uninterrupted["workdir"] / "checkpoints"),
-                     "--override", f"data.data_dir={setup['data_dir']}",
+  rc = predict.main(["--checkpoint", str(uninterrupted["workdir"] / "checkpoints"),
                      "--image", str(png), "--text", "all circles", "--out", str(tmp_path)])
   assert rc == 0
   out = json.loads((tmp_path / "shapes.json").read_text())

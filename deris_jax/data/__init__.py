@@ -7,6 +7,7 @@ need it (builders, pipeline), and only inside this package.
   masks                                 COCO polygons / RLE without pycocotools
   referring_builder, refcoco, grefcoco, synthetic, registry   the TFDS builders
   text, tokenizer, nsc                  expression cleaning, XLM-R ids, NSC
+  locations                             the data directory, prepared metadata (no TF)
   order                                 which rows each batch holds (sampler, file order; numpy)
   pipeline_ops, pipeline                tf.data: `pipeline.make_pipeline` (the batch contract)
   prepare                               `python -m deris_jax.data.prepare`

@@ -121,17 +121,6 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
   return builder, SplitIndex(builder.info.metadata, split)
 
 
-def load_tokenizer(data_config, metadata) -> tok.XlmrTokenizer:
-  """The configured tokenizer file, else the one stored with the dataset (synthetic set)."""
-  path = data_config.get("tokenizer_path")
-  if path:
-    return tok.XlmrTokenizer(path)
-  if "tokenizer_spm" in metadata:
-    return tok.XlmrTokenizer(model_proto=bytes.fromhex(metadata["tokenizer_spm"]))
-  raise ValueError(f"dataset {data_config.name} stores no tokenizer: set data.tokenizer_path to "
-                   "the BEiT-3 sentencepiece model (beit3.spm)")
-
-
 def _check_config(data_config, index: SplitIndex, train: bool) -> None:
   if index.max_targets > data_config.max_instances:
     raise ValueError(
@@ -310,7 +299,7 @@ def make_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: 
                      f"{batch_size}")
   builder, index = open_split(data_config, split)
   _check_config(data_config, index, train)
-  tokenizer = load_tokenizer(data_config, builder.info.metadata)
+  tokenizer = tok.for_data(data_config, builder.info.metadata)
   tables = _Tables(index, tokenizer, data_config.max_tokens)
   global_rows = split_order(index, data_config, train=train, batch_size=batch_size, seed=seed,
                             epoch=epoch)  # (S, G)

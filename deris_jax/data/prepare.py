@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from deris_jax.data import entries as E  # pylint: disable=g-import-not-at-top
+from deris_jax.data import locations  # pylint: disable=g-import-not-at-top
 from deris_jax.data import referring_builder  # pylint: disable=g-import-not-at-top
 from deris_jax.data import registry  # pylint: disable=g-import-not-at-top
 
@@ -44,7 +45,7 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None = None
     raise ValueError(f"{dataset} needs --manual_dir:{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   if manual_dir and not os.path.isdir(manual_dir):
     raise E.DataError(f"missing folder {manual_dir} (--manual_dir)")
-  builder = builder_cls(config=config, data_dir=registry.data_dir_or_default(data_dir),
+  builder = builder_cls(config=config, data_dir=locations.data_dir(data_dir),
                         skip_invalid=skip_invalid)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   builder.download_and_prepare(download_config=download_config)

@@ -1,9 +1,8 @@
 """Name -> TFDS builder class, and opening a prepared dataset with a clear error if it is not."""
-import os
-
 import tensorflow_datasets as tfds
 
 from deris_jax.data import grefcoco
+from deris_jax.data import locations
 from deris_jax.data import refcoco
 from deris_jax.data import synthetic
 
@@ -20,13 +19,9 @@ def builder_class(name: str):
   return BUILDERS[name]
 
 
-def data_dir_or_default(data_dir: str | None) -> str:
-  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-
-
 def open_builder(name: str, config: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The builder of a prepared dataset; raises FileNotFoundError saying how to prepare it."""
-  data_dir = data_dir_or_default(data_dir)
+  data_dir = locations.data_dir(data_dir)
   builder = builder_class(name)(config=config, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(

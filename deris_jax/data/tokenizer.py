@@ -14,11 +14,12 @@ those of transformers' `XLMRobertaTokenizer.from_pretrained` on the same model.
 """
 import io
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from deris_jax.data import locations
 from deris_jax.data import text as T
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # XLM-R / fairseq special ids
@@ -98,3 +99,18 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
       hard_vocab_limit=False, model_type=model_type, character_coverage=1.0, num_threads=1,
       minloglevel=2)
   return model.getvalue()
+
+
+def for_data(data_config, metadata: Optional[Mapping] = None) -> XlmrTokenizer:
+  """The tokenizer of a data config: the file data.tokenizer_path, else the sentencepiece model
+  a prepared dataset stores in its metadata (the synthetic set). `metadata` is that dataset's
+  (read from its metadata.json when not given; FileNotFoundError if it is not prepared)."""
+  path = data_config.get("tokenizer_path")
+  if path:
+    return XlmrTokenizer(path)
+  if metadata is None:
+    metadata = locations.prepared_metadata(data_config)
+  if "tokenizer_spm" not in metadata:
+    raise ValueError(f"dataset {data_config.name} stores no tokenizer: set data.tokenizer_path "
+                     "to the BEiT-3 sentencepiece model (beit3.spm)")
+  return XlmrTokenizer(model_proto=bytes.fromhex(metadata["tokenizer_spm"]))

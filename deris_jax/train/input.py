@@ -18,7 +18,9 @@ import ml_collections as mlc
 import numpy as np
 
 from deris_jax import batch as batch_lib
+from deris_jax.data import locations
 from deris_jax.data import order as order_lib
+from deris_jax.data import tokenizer as tokenizer_lib
 
 
 def steps_per_epoch(data_config: mlc.ConfigDict, global_batch: int) -> Tuple[int, int]:
@@ -45,7 +47,7 @@ def check_data(data_config: mlc.ConfigDict, model_config: mlc.ConfigDict,
   """
   from deris_jax.data import pipeline  # TF boundary: the pipeline imports TensorFlow
   builder, index = pipeline.open_split(data_config, data_config.train_split)
-  vocab = pipeline.load_tokenizer(data_config, builder.info.metadata).vocab_size
+  vocab = tokenizer_lib.for_data(data_config, builder.info.metadata).vocab_size
   if vocab > model_config.beit3.vocab_size:
     raise ValueError(f"the tokenizer of {data_config.name} has {vocab} ids but "
                      f"model.beit3.vocab_size is {model_config.beit3.vocab_size}")
@@ -122,11 +124,11 @@ def ensure_prepared(data_config: mlc.ConfigDict, log=print) -> None:
   from deris_jax.data import prepare, registry  # TF boundary: the builders import TFDS
   builder = registry.builder_class(data_config.name)(
       config=data_config.builder_config,
-      data_dir=registry.data_dir_or_default(data_config.get("data_dir")))
+      data_dir=locations.data_dir(data_config.get("data_dir")))
   if builder.is_prepared():
     return
   log(f"preparing {data_config.name}/{data_config.builder_config} in "
-      f"{registry.data_dir_or_default(data_config.get('data_dir'))} (once)")
+      f"{locations.data_dir(data_config.get('data_dir'))} (once)")
   t0 = time.perf_counter()
   counts = prepare.prepare(SELF_PREPARING[data_config.name], data_dir=data_config.get("data_dir"),
                            config=data_config.builder_config)
