@@ -104,10 +104,15 @@ def render(pixels: np.ndarray, mask: np.ndarray, caption_lines: Sequence[str]) -
 
 
 def prediction_caption(text: str, prediction) -> List[str]:
-  """The expression, then the decision: the selected queries with their scores, or why there
-  is no target. `prediction` is a `predictor.Prediction`."""
+  """The expression, then the decision (`decision_lines`)."""
+  return [f'"{text}"'] + decision_lines(prediction)
+
+
+def decision_lines(prediction) -> List[str]:
+  """The selected queries with their scores, and why there is no target when there is none.
+  `prediction` is a `predictor.Prediction`."""
   scores, tau = prediction.scores, prediction.score_threshold
-  lines = [f'"{text}"']
+  lines = []
   if len(prediction.selected):
     chosen = ", ".join(f"{int(q)} ({scores[q]:.2f})" for q in prediction.selected)
     lines.append(f"tau {tau:g}: {len(prediction.selected)} of {len(scores)} queries selected: "

@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TF_FREE_MODULES = ("deris_jax.models.deris", "deris_jax.forward", "deris_jax.inference",
                    "deris_jax.train.step", "deris_jax.train.loop", "deris_jax.evaluation",
-                   "deris_jax.train.dry_run", "bench", "train", "predict")
+                   "deris_jax.train.dry_run", "deris_jax.predictor", "bench", "train", "predict",
+                   "demo")
 
 # Run in a fresh interpreter: other tests of the session import TensorFlow.
 _CHECK = f"""
