@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from deris_jax import checkpoints, overlay
+from deris_jax import checkpoints, compile_cache, overlay
 from deris_jax.config_loader import load_config
 from deris_jax.predictor import PredictError, Predictor
 
@@ -130,6 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. model.existence_veto=True")
   args = parser.parse_args(argv)
+  compile_cache.enable()
   try:
     config = None if args.config is None else load_config(args.config)
     predictor = Predictor.from_checkpoint(args.checkpoint, which=args.which, step=args.step,

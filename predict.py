@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import PIL.Image
 
-from deris_jax import checkpoints, overlay
+from deris_jax import checkpoints, compile_cache, overlay
 from deris_jax.config_loader import load_config
 from deris_jax.predictor import PredictError, Prediction, Predictor
 
@@ -150,6 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. model.existence_veto=True")
   args = parser.parse_args(argv)
+  compile_cache.enable()
 
   try:
     pairs = read_pairs(args)

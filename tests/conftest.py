@@ -27,7 +27,9 @@ from tests import eval_helpers  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("DERIS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
-_cache_dir = os.environ.get("DERIS_JAX_CACHE", str(ROOT / ".jax_cache"))
+# The suite's own compilation cache; commands started by tests inherit it through the
+# environment (deris_jax.compile_cache), so no test writes to the user's cache.
+_cache_dir = os.environ.setdefault("DERIS_JAX_CACHE", str(ROOT / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
