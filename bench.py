@@ -1,7 +1,8 @@
 """Benchmarks (not tests): forward and train-step throughput, deformable attention, input.
 
   python bench.py --config configs/deris_b_refcoco.py --batch 1,4,16 [--dtype bfloat16]
-  python bench.py --mode train --config configs/deris_b_refcoco.py --batch 16 [--mesh 1,1]
+  python bench.py --mode train --config configs/deris_b_refcoco.py --batch 16 [--mesh 1,1] \
+      [--config.model.remat=True]
   python bench.py --mode deform [--dtype bfloat16]     # MSDeformAttn alone at DeRIS size
   python bench.py --mode data                          # tf.data examples/s (benchmarks/)
 
@@ -30,10 +31,9 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from deris_jax import forward
+from deris_jax import cli, compile_cache, forward
 from deris_jax import sharding as S
 from deris_jax import trees
-from deris_jax.config_loader import load_config
 from deris_jax.models.deform_attn import ms_deform_attn_core
 from deris_jax.models.deris import abstract_model
 from deris_jax.train import params as params_lib
@@ -306,10 +306,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--mode", default="infer", choices=["infer", "train", "deform", "data"])
-  parser.add_argument("--config", default="configs/deris_tiny.py")
+  parser.add_argument("--config", default="configs/deris_tiny.py", metavar="PATH[:ARG]",
+                      help="config file; fields are overridden with --config.a.b=VALUE")
+  parser.add_argument("--verbosity", type=int, default=0,
+                      help="0: our lines only (default); 1: libraries' logs too; 2: debug")
   parser.add_argument("--batch", default="2", help="comma-separated batch sizes")
   parser.add_argument("--dtype", default=None, help="compute dtype (float32 | bfloat16)")
-  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--peak_tflops", type=float, default=None,
@@ -322,7 +324,13 @@ def main(argv=None) -> int:
   parser.add_argument("--memory_gib", type=float, default=None,
                       help="--max_batch: memory to fit (default: the device's bytes_limit)")
   parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+  try:
+    argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
+  except cli.UsageError as e:
+    parser.error(str(e))
   args, rest = parser.parse_known_args(argv)
+  cli.set_verbosity(args.verbosity)
+  compile_cache.enable()
   if args.mode == "data":
     from benchmarks import data_pipeline  # TF boundary: imports TensorFlow, this mode only
     data_pipeline.main(rest)
@@ -332,7 +340,10 @@ def main(argv=None) -> int:
   if args.mode == "deform":
     rows = bench_deform(args)
   else:
-    config = load_config(args.config, args.override)
+    try:
+      config = cli.load(args.config, overrides)
+    except (FileNotFoundError, ValueError) as e:  # a missing file, a bad override
+      parser.error(str(e))
     if args.dtype:
       config.model.dtype = args.dtype
     batches = [int(x) for x in args.batch.split(",")]

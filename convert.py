@@ -10,7 +10,9 @@
 Every file is first checked key by key and shape by shape against the model built from the
 config (before any weight is read), then converted and written with its metadata (source
 files, sha256, report). Any unknown key, missing key or shape mismatch stops with an error that
-names the file, the key and both shapes.
+names the file, the key and both shapes. `--config.a.b=VALUE` overrides a config field
+(deris_jax/cli.py), e.g. `--config.model.compat_group_size=1`; the written checkpoint stores
+the config, so eval.py, predict.py and demo.py need only `--checkpoint`.
 """
 import argparse
 import pathlib
@@ -19,14 +21,12 @@ import time
 
 from flax import nnx
 
-from deris_jax import checkpoints
-from deris_jax.config_loader import load_config
+from deris_jax import checkpoints, cli
 from deris_jax.convert import deris_checkpoint, pretrained, readers, torch_to_nnx
 from deris_jax.models.deris import abstract_model
 
 
-def convert_deris(args) -> int:
-  config = load_config(args.config, args.override)
+def convert_deris(args, config) -> int:
   src = pathlib.Path(args.checkpoint)
   t0 = time.time()
   shapes = {k: shape for k, (shape, _) in readers.read_checkpoint_shapes(src).items()}
@@ -47,8 +47,7 @@ def convert_deris(args) -> int:
   return 0
 
 
-def convert_pretrained(args) -> int:
-  config = load_config(args.config, args.override)
+def convert_pretrained(args, config) -> int:
   t0 = time.time()
   files = {pretrained.MASK2FORMER: pathlib.Path(args.mask2former),
            pretrained.BEIT3: pathlib.Path(args.beit3)}
@@ -79,31 +78,24 @@ def main(argv=None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("deris", help="an official DeRIS checkpoint (.pth / .safetensors)")
   p.add_argument("--checkpoint", required=True, help="DeRIS-{B,L}-{refcoco,grefcoco}.pth")
-  p.add_argument("--config", required=True,
-                 help="config of the same variant, e.g. configs/deris.py:variant=b,data=refcoco "
-                 "(or its alias configs/deris_b_refcoco.py)")
   p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
-  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override, e.g. model.compat_group_size=1")
+  cli.add_arguments(p)  # --config of the same variant, e.g. configs/deris.py:variant=b,...
   p.set_defaults(run=convert_deris)
   p = sub.add_parser("pretrained", help="the paper's initial weights: Mask2Former .pkl + BEiT-3")
   p.add_argument("--mask2former", required=True,
                  help="Mask2Former COCO-instance Swin checkpoint, e.g. model_final_1e7f22.pkl")
   p.add_argument("--beit3", required=True,
                  help="BEiT-3 pretrained checkpoint, e.g. beit3_base_patch16_224.zip (or .pth)")
-  p.add_argument("--config", required=True,
-                 help="config of the variant, e.g. configs/deris.py:variant=b,data=refcoco "
-                 "(or its alias configs/deris_b_refcoco.py)")
   p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
   p.add_argument("--seed", type=int, default=0,
                  help="build_model seed of the parameters no file provides")
-  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override, e.g. model.cognition_image_size=(384,384)")
+  cli.add_arguments(p)
   p.set_defaults(run=convert_pretrained)
-  args = parser.parse_args(argv)
+  args, overrides = cli.parse(parser, argv)
   try:
-    return args.run(args)
-  except (checkpoints.CheckpointError, torch_to_nnx.ConversionError, FileNotFoundError) as e:
+    return args.run(args, cli.load(args.config, overrides))
+  except (checkpoints.CheckpointError, torch_to_nnx.ConversionError, FileNotFoundError,
+          KeyError, TypeError, ValueError) as e:  # ValueError: the config and its overrides
     print(f"error: {e}", file=sys.stderr)
     return 1
 

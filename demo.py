@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from deris_jax import checkpoints, compile_cache, overlay
+from deris_jax import checkpoints, cli, compile_cache, overlay
 from deris_jax.config_loader import load_config
 from deris_jax.predictor import PredictError, Predictor
 
@@ -119,22 +119,19 @@ def build_app(predictor: Predictor, examples: Sequence[Sequence[str]] = ()) -> g
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory")
-  parser.add_argument("--config", default=None,
-                      help="configs/X.py[:arg] (default: the config stored in the checkpoint)")
   parser.add_argument("--which", choices=checkpoints.WHICH, default="latest")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   parser.add_argument("--examples", default=None,
                       help=f"folder with images and an {EXAMPLES_FILE} of image/text pairs")
   parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
   parser.add_argument("--port", type=int, default=7860)
-  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. model.existence_veto=True")
-  args = parser.parse_args(argv)
+  cli.add_arguments(parser, config="optional")
+  args, overrides = cli.parse(parser, argv)
   compile_cache.enable()
   try:
     config = None if args.config is None else load_config(args.config)
     predictor = Predictor.from_checkpoint(args.checkpoint, which=args.which, step=args.step,
-                                          config=config, overrides=args.override)
+                                          config=config, overrides=overrides)
     examples = (read_examples(pathlib.Path(args.examples)) if args.examples
                 else default_examples(predictor))
   except (PredictError, checkpoints.CheckpointError, FileNotFoundError, KeyError, TypeError,

@@ -1,11 +1,15 @@
 """Evaluates a checkpoint with the official metrics and prints them with their resolution and tau.
 
-  python eval.py --config configs/deris_b_refcoco.py --checkpoint ckpt/deris_b_refcoco \
-      --split val_refcoco_unc [--resolution {reference,original}] [--score_threshold T] \
-      [--tau_sweep] [--out DIR]
+  python eval.py --checkpoint ckpt/deris_b_refcoco --split val_refcoco_unc \
+      [--resolution {reference,original}] [--score_threshold T] [--tau_sweep] [--out DIR]
   python eval.py ... --split all      # every split of config.eval.splits
-  python eval.py --config configs/synthetic.py --checkpoint workdir/synthetic/checkpoints \
-      --which best --split all        # a training run's best-on-val checkpoint
+  python eval.py --checkpoint workdir/synthetic/checkpoints --which best --split all
+  python eval.py --checkpoint ... --config.eval.batch_size=32 --split all
+  python eval.py --config configs/deris_b_refcoco.py --checkpoint ... --split all
+
+The config is the one the checkpoint stores (every checkpoint carries its own: training, best,
+converted, pretrained); `--config PATH[:ARG]` replaces it, `--config.a.b=VALUE` overrides a
+field of either (deris_jax/cli.py: the convention every command shares).
 
 'reference' is the official protocol (model input size, against nearest-resized ground truth,
 reference.md §5/§10); 'original' is each image's own size. tau defaults to
@@ -30,8 +34,7 @@ from typing import Any, Dict, List, Optional
 import jax
 
 from configs import eval_common
-from deris_jax import checkpoints, evaluation
-from deris_jax.config_loader import load_config
+from deris_jax import checkpoints, cli, compile_cache, evaluation
 
 
 def _number(value: float) -> str:
@@ -80,7 +83,6 @@ def _json_safe(value):
 
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
   parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory")
   parser.add_argument("--which", choices=("latest", "best"), default="latest",
                       help="of a training run's checkpoints: the latest step (default) or the "
@@ -93,21 +95,24 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--tau_sweep", action="store_true", help="metrics at every eval.tau_grid")
   parser.add_argument("--out", default="eval_results", help="output folder")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. eval.batch_size=32")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() (multi-host)")
-  args = parser.parse_args(argv)
+  cli.add_arguments(parser, config="optional")
+  args, overrides = cli.parse(parser, argv)
+  compile_cache.enable()
 
   if args.distributed:
     jax.distributed.initialize()
   lead = jax.process_index() == 0
   try:
-    config = load_config(args.config, args.override)
+    directory = checkpoints.resolve(args.checkpoint, args.which)
+    step = checkpoints.latest_step(directory) if args.step is None else args.step
+    config = cli.load(args.config, overrides, checkpoint=directory, step=step)
+    source = args.config or f"the config stored in {directory}"
     if "data" not in config:
-      raise ValueError(f"config {args.config} has no 'data' section (configs/data_common.py)")
+      raise ValueError(f"{source} has no 'data' section (configs/data_common.py)")
     if "eval" not in config:
-      variant = pathlib.Path(args.config.partition(":")[0]).stem
+      variant = pathlib.Path((args.config or "synthetic").partition(":")[0]).stem
       config.eval = eval_common.eval_config(variant, config.data)
       if lead:
         print(f"note: config has no 'eval' section; using eval_common.eval_config('{variant}')",
@@ -122,8 +127,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from deris_jax.data import pipeline  # TF boundary: only eval.py's data path needs it
     for split in splits:  # every split is prepared and known before anything runs
       pipeline.open_split(config.data, split)
-    directory = checkpoints.resolve(args.checkpoint, args.which)
-    step = checkpoints.latest_step(directory) if args.step is None else args.step
     model, meta = checkpoints.load_model(directory, config.model, step)
   except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError) as e:
     print(f"error: {e}", file=sys.stderr)  # config, override or checkpoint
@@ -158,8 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                r["extra_metrics"] else ""))
     summary = {"checkpoint": args.checkpoint, "checkpoint_kind": meta.get("kind"),
                "checkpoint_step": step, "checkpoint_which": args.which,
-               "checkpoint_path": str(directory), "config": args.config,
-               "overrides": args.override, "results": results}
+               "checkpoint_path": str(directory),
+               "config": args.config or "stored in the checkpoint",
+               "overrides": overrides, "results": results}
     with open(out_dir / "results.json", "w") as f:
       json.dump(_json_safe(summary), f, indent=1)
     print(f"wrote {out_dir / 'results.json'}")

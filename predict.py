@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import PIL.Image
 
-from deris_jax import checkpoints, compile_cache, overlay
+from deris_jax import checkpoints, cli, compile_cache, overlay
 from deris_jax.config_loader import load_config
 from deris_jax.predictor import PredictError, Prediction, Predictor
 
@@ -133,8 +133,6 @@ def write_outputs(out_dir: pathlib.Path, pair, prepared, result: Prediction, che
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint directory")
-  parser.add_argument("--config", default=None,
-                      help="configs/X.py[:arg] (default: the config stored in the checkpoint)")
   parser.add_argument("--which", choices=checkpoints.WHICH, default="latest",
                       help="of a training run's checkpoints: the latest step (default) or the "
                            "best on validation (CHECKPOINT/best)")
@@ -147,9 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--score_threshold", type=float, default=None,
                       help="tau (default: config eval.score_threshold, else 0.7)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. model.existence_veto=True")
-  args = parser.parse_args(argv)
+  cli.add_arguments(parser, config="optional")
+  args, overrides = cli.parse(parser, argv)
   compile_cache.enable()
 
   try:
@@ -157,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = None if args.config is None else load_config(args.config)
     predictor = Predictor.from_checkpoint(
         args.checkpoint, which=args.which, step=args.step, config=config,
-        overrides=args.override, score_threshold=args.score_threshold)
+        overrides=overrides, score_threshold=args.score_threshold)
     prepared = prepare_pairs(predictor, pairs)
   except (PredictError, checkpoints.CheckpointError, FileNotFoundError, KeyError, TypeError,
           ValueError) as e:  # ValueError: the config (load_config and its check)

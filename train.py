@@ -16,17 +16,15 @@ train step and the evaluation at the config's shapes and global batches, prints 
 batches, parameter and optimizer-state sizes and XLA's memory estimate per device, and exits
 0, or 1 with an `error: ...` line naming what does not fit.
 """
-import os
 import pathlib
 import sys
 
 import jax
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from deris_jax import config_check
+from deris_jax import cli, compile_cache, config_check
 from deris_jax.train import dry_run as dry_run_lib
 from deris_jax.train import input as input_lib
 from deris_jax.train import loop
@@ -73,9 +71,9 @@ def dry_run(config, config_path: str) -> int:
 
 def main(argv):
   del argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  if not FLAGS["verbosity"].present:  # Orbax / TFDS info lines would drown the train log
-    logging.set_verbosity(logging.WARNING)
+  # absl's own --verbosity flag: 0 unless given, our convention (deris_jax/cli.py).
+  cli.set_verbosity(FLAGS.verbosity if FLAGS["verbosity"].present else 0)
+  compile_cache.enable()
   config = FLAGS.config
   try:
     config_check.check_config(config)

@@ -2,8 +2,9 @@
 
 e.g. `configs/deris.py:variant=l,data=grefcoco` or its alias `configs/deris_l_grefcoco.py`.
 train.py uses absl's `config_flags` for the same syntax; this is for the argparse commands
-(convert, eval, predict, bench) and for tests. Both run `config_check.check_config` on the
-result. Config files are read by path (the package never imports them); they import
+(through `deris_jax.cli`: `--config.a.b=VALUE` becomes the override 'a.b=VALUE') and for
+tests. Both run `config_check.check_config` on the result; a bad override raises
+`OverrideError` (a ValueError) naming it. Config files are read by path (the package never imports them); they import
 `configs.common` and its siblings, so the repository root must be importable: it is for the
 commands (their folder) and for pytest (`pythonpath = .`).
 """
@@ -17,6 +18,10 @@ import ml_collections
 from deris_jax import config_check
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class OverrideError(ValueError):
+  """A `--config.a.b=VALUE` that names no field or gives a value of the wrong type."""
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -45,24 +50,27 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   the type of the existing field."""
   key, sep, raw = item.partition("=")
   if not sep:
-    raise ValueError(f"override '{item}' is not key=value")
+    raise OverrideError(f"override '{item}' is not key=value")
   parts = key.split(".")
   node = config
   for part in parts[:-1]:
     if part not in node:
-      raise KeyError(f"override '{item}': unknown config field '{part}' in '{key}'")
+      raise OverrideError(f"override '{item}': unknown config field '{part}' in '{key}'")
     node = node[part]
   if parts[-1] not in node:
-    raise KeyError(f"override '{item}': unknown config field '{key}'")
+    raise OverrideError(f"override '{item}': unknown config field '{key}'")
   try:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
     value = raw
   old = node[parts[-1]]
   if isinstance(old, bool) and not isinstance(value, bool):
-    raise TypeError(f"override '{item}': '{key}' is a bool")
+    raise OverrideError(f"override '{item}': '{key}' is a bool")
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
     value = type(old)(value)
-  node[parts[-1]] = value
+  try:
+    node[parts[-1]] = value
+  except TypeError as e:  # ml_collections refuses another type
+    raise OverrideError(f"override '{item}': {e}") from e

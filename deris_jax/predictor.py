@@ -176,14 +176,14 @@ class Predictor:
                       config: Optional[ml_collections.ConfigDict] = None,
                       overrides: Sequence[str] = (), **kwargs) -> "Predictor":
     """Loads a checkpoint directory (train, best, converted or pretrained) with the config it
-    stores, or with `config` when given; `overrides` ('model.existence_veto=True', ...) apply
-    to either. Raises `checkpoints.CheckpointError` for a checkpoint that does not fit."""
+    stores, or with `config` when given (then changed in place); `overrides`
+    ('model.existence_veto=True', ...) apply to either. Raises `checkpoints.CheckpointError`
+    for a checkpoint that does not fit, `config_loader.OverrideError` for a bad override."""
     directory = checkpoints.resolve(directory, which)
     step = checkpoints.latest_step(directory) if step is None else step
     if config is None:
       config = checkpoints.stored_config(directory, step)
-    config = ml_collections.ConfigDict(config)  # a copy: the overrides stay ours
-    for item in overrides:
+    for item in overrides:  # on the linked config: a shared value moves both its fields
       config_loader.apply_override(config, item)
     config_check.check_config(config)
     config.model.compat_group_size = 1  # each pair alone (module docstring)

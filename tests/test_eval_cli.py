@@ -27,13 +27,9 @@ TAU = 0.46  # the fixture's random weights score ~0.4-0.52: a tau that selects s
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_state_dict):
-  root = tmp_path_factory.mktemp("eval_cli")
-  data_dir = H.prepare_synthetic(root)
-  config = H.tiny_config(data_dir)
-  return {"config": H.write_config_file(root / "tiny_synthetic.py", data_dir),
-          "checkpoint": H.write_train_like_checkpoint(root / "ckpt", tiny_state_dict, config),
-          "root": root, "config_dict": config}
+def setup(predict_setup):
+  """The fixture model as a training run leaves it, on the tiny synthetic set (conftest)."""
+  return predict_setup
 
 
 def _read_jsonl(path):
@@ -44,7 +40,7 @@ def _read_jsonl(path):
 @pytest.fixture(scope="module")
 def reference_run(setup, tmp_path_factory):
   out = tmp_path_factory.mktemp("reference")
-  rc = eval_cli.main(["--config", setup["config"], "--checkpoint", setup["checkpoint"],
+  rc = eval_cli.main(["--checkpoint", setup["checkpoint"],  # its stored config
                       "--split", "all", "--tau_sweep", "--score_threshold", str(TAU),
                       "--out", str(out)])
   assert rc == 0
@@ -110,7 +106,8 @@ def test_original_resolution_counts_at_the_image_size(setup, reference_run, tmp_
 
 @pytest.mark.parametrize("args, message", [
     (["--split", "nope"], "split 'nope' not in the dataset"),
-    (["--override", "model.num_queries=5"], "the model built from the config"),
+    (["--config.model.num_queries=5"], "the model built from the config"),
+    (["--config.model.nope=5"], "override 'model.nope=5': unknown config field 'model.nope'"),
     (["--score_threshold", "1.5"], "score threshold 1.5 must be in [0, 1)"),
     (["--which", "best"], "no best checkpoint in "),
 ])
@@ -122,6 +119,23 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args,
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
   assert not out.exists()
+
+
+def test_an_old_checkpoint_says_to_pass_a_config(tmp_path, capsys):
+  old = tmp_path / "old"
+  checkpoints.save_params(old, {"w": np.zeros(2, np.float32)}, metadata={"kind": "train"})
+  assert eval_cli.main(["--checkpoint", str(old), "--split", "val", "--out",
+                        str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "(a checkpoint from an older layout); pass --config" in err[0], err
+
+
+def test_override_is_gone(setup, capsys):
+  with pytest.raises(SystemExit):
+    eval_cli.main(["--checkpoint", setup["checkpoint"], "--split", "val", "--override",
+                   "eval.batch_size=4"])
+  assert "--override is gone: override a config field with --config.a.b=VALUE" in (
+      capsys.readouterr().err)
 
 
 def test_missing_checkpoint(setup, tmp_path, capsys):

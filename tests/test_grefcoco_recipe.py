@@ -71,10 +71,9 @@ def test_prepare_train_and_eval(manual):
   assert "refer to more than model.num_queries=1 instances (up to 2)" in out
   assert "done: 3/3 steps" in out
 
-  eval_args = ["--config", "configs/deris_micro.py", "--checkpoint",
-               str(root / "run" / "checkpoints"), "--split", "val", "--out", str(root / "eval")]
-  for override in data + model:
-    eval_args += ["--override", override]
+  # The checkpoint carries the run's config (overrides included): --checkpoint is enough.
+  eval_args = ["--checkpoint", str(root / "run" / "checkpoints"), "--split", "val", "--out",
+               str(root / "eval")]
   evaluated = _run("eval.py", *eval_args, env=env)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   results = json.loads((root / "eval" / "results.json").read_text())["results"]

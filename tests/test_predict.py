@@ -121,9 +121,9 @@ def test_bad_input(setup, tmp_path, capsys, case, message):
     text = {"empty_text": ["--text", "?! ..."], "no_text": []}.get(case, ["--text", "a cat"])
     extra = ["--image", image] + text
   if case == "wrong_checkpoint":
-    extra += ["--override", "model.num_queries=5"]
+    extra += ["--config.model.num_queries=5"]
   if case == "data_model":  # the config file, not the (linked) stored config
-    extra += ["--config", setup["config"], "--override", "data.max_tokens=16"]
+    extra += ["--config", setup["config"], "--config.data.max_tokens=16"]
   if case == "older_layout":
     old = tmp_path / "old"
     checkpoints.save_params(old, {"w": np.zeros(2, np.float32)}, metadata={"kind": "train"})

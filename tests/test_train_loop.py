@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import struct
@@ -260,7 +261,7 @@ def test_best_checkpoint_holds_the_params_of_the_best_evaluation(best_run):
 
 def _micro_cli(setup):
   return ["--config", str(ROOT / "configs" / "deris_micro.py"),
-          "--override", f"data.data_dir={setup['data_dir']}"]
+          f"--config.data.data_dir={setup['data_dir']}"]
 
 
 def test_eval_py_reads_the_best_and_reproduces_its_training_evaluation(setup, best_run,
@@ -349,6 +350,25 @@ def _subprocess_env():
   return env
 
 
+# Every line train.py prints (train.py, train/loop.py, train/reporting.py, train/input.py,
+# data/prepare.py): a line from a library, a progress bar or an escape code matches none.
+OUR_LINE = re.compile("|".join([
+    r"config \S+, workdir \S+",
+    r"preparing [\w/]+ in \S+ \(once\)",
+    r"\[[\w/]+\] no records skipped",
+    r"prepared \{[^}]*\} in [\d.]+s",
+    r"mesh \{.*\} over \d+ devices \(\w+\), \d+ process\(es\); .*",
+    r"resumed from step \d+ .*",
+    r"state ready in [\d.]+s",
+    r"first step \(compile \+ run\) [\dms.]+",
+    r"step \d+/\d+  loss [\d.]+  .*",
+    r"eval step \d+ \[\w+\] tau [\d.]+  .*",
+    r"new best .*: wrote \S+",
+    r"error: [^\x1b]*", r"note: [^\x1b]*", r"warning: [^\x1b]*",
+    r"  [^\x1b]*",  # continuation lines of our messages
+]))
+
+
 def _run_train_py(args, timeout=600):
   return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
                         env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
@@ -357,18 +377,24 @@ def _run_train_py(args, timeout=600):
 @pytest.mark.slow  # a subprocess or several processes
 def test_train_py_stops_on_nan_and_keeps_the_last_good_checkpoint(setup, uninterrupted,
                                                                    tmp_path):
-  """train.py resumes at step 11; zero std makes the images inf/NaN, so step 11 is not finite."""
+  """train.py resumes at step 11; zero std makes the images inf/NaN, so step 11 is not finite.
+
+  The data folder is new, so the run prepares the tiny synthetic set first (the same
+  examples): its whole console output, preparation included, must be our own lines."""
   workdir = tmp_path / "nan"
   shutil.copytree(uninterrupted["workdir"], workdir)
   proc = _run_train_py([
       "--config", str(ROOT / "configs" / "deris_micro.py"), "--workdir", str(workdir),
-      f"--config.data.data_dir={setup['data_dir']}", "--config.train.max_steps=14",
+      f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.max_steps=14",
       "--config.train.checkpoint_every_steps=4",
       "--config.data.std=(0.0, 0.0, 0.0)", "--config.train.tensorboard=False"])
   assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "resumed from step 11" in proc.stdout
   assert "non-finite loss or gradient at step 11 (0-based)" in proc.stderr
   assert "the last good checkpoint is step 11" in proc.stderr
+  foreign = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if not OUR_LINE.fullmatch(line)]
+  assert not foreign, "lines that are not ours:\n" + "\n".join(foreign[:20])
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
   assert ckpt.latest_step() == 11
   tree, _ = checkpoints.restore_params(workdir / "checkpoints")

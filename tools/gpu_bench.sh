@@ -34,7 +34,7 @@ run deform_bf16 30 --mode deform --batch 16 --steps 20 --dtype bfloat16
 run b_train_bf16 110 --mode train --config configs/deris_b_refcoco.py --batch 16 --dtype bfloat16
 run b_train_fp32 80 --mode train --config configs/deris_b_refcoco.py --batch 16
 run l_train_bf16 150 --mode train --config configs/deris_l_refcoco.py --batch 16 --dtype bfloat16 \
-    --override model.remat=True --max_batch
+    --config.model.remat=True --max_batch
 run b_infer_bf16 60 --config configs/deris_b_refcoco.py --batch 1,64 --dtype bfloat16
 run l_infer_bf16 60 --config configs/deris_l_refcoco.py --batch 1,64 --dtype bfloat16
 cat "$OUT/status.txt"

@@ -15,7 +15,10 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from deris_jax import cli
+
+if "tensorflow" not in sys.modules:  # quiet until the arguments say otherwise (deris_jax.cli)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -48,6 +51,8 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None = None
   builder = builder_cls(config=config, data_dir=locations.data_dir(data_dir),
                         skip_invalid=skip_invalid)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  if not cli.verbose():  # tqdm bars print escape codes when the output is not a terminal
+    tfds.disable_progress_bar()
   builder.download_and_prepare(download_config=download_config)
   splits = builder.info.metadata["splits"]
   return {split: len(splits[split]["rows"]["image_id"])
@@ -82,8 +87,8 @@ def main(argv=None) -> int:
   parser.add_argument("--skip_invalid", action="store_true",
                       help="skip unreadable images, bad masks, ids or empty expressions instead "
                       "of stopping; the counts and reasons are printed")
-  args = parser.parse_args(argv)
-  tfds.disable_progress_bar()
+  cli.add_arguments(parser, config=None)  # --verbosity (the dataset is not a config)
+  args, _ = cli.parse(parser, argv)
   try:
     prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
             config=args.config, skip_invalid=args.skip_invalid)

@@ -37,6 +37,7 @@ import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from deris_jax import cli
 from deris_jax.data import entries as E
 from deris_jax.data import masks as M
 
@@ -251,6 +252,16 @@ class ReferringBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     self.skip_report = None
     kwargs.setdefault("file_format", FILE_FORMAT)
     super().__init__(**kwargs)
+
+  # TFDS prints these two banners to stdout on every preparation (private hooks of
+  # tfds.core.DatasetBuilder); they are the libraries' lines, shown at --verbosity 1.
+  def _log_download_bytes(self) -> None:
+    if cli.verbose():
+      super()._log_download_bytes()
+
+  def _log_download_done(self) -> None:
+    if cli.verbose():
+      super()._log_download_done()
 
   @abc.abstractmethod
   def read_splits(self, manual_dir: str | None, report: E.SkipReport) -> dict[str, E.SplitData]:

@@ -1,5 +1,9 @@
 """`python -m deris_jax.parity FIXTURE_DIR [--only REGEX]`: deris-jax against the official numbers.
 
+The model is built from the fixture's own config.json; `--config.model.a.b=VALUE` overrides a
+field of it (deris_jax/cli.py), e.g. to check a switch such as `model.remat` against the same
+numbers.
+
 Prints one line per tensor of the fixture's outputs.npz that deris-jax produces (name, shape,
 max abs error, max rel error, verdict), one line per tensor it does not produce (with the
 reason), then a final verdict. Exit status 1 if any tensor fails (`check.py` has the tolerances).
@@ -7,6 +11,9 @@ reason), then a final verdict. Exit status 1 if any tensor fails (`check.py` has
 import argparse
 import sys
 
+import ml_collections
+
+from deris_jax import cli, config_loader
 from deris_jax.parity import check
 
 
@@ -15,9 +22,17 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("fixture_dir")
   parser.add_argument("--only", help="regex: compare only matching tensor names")
-  args = parser.parse_args(argv)
-  fixture = check.load_fixture(args.fixture_dir)
-  comparisons, skipped = check.run_parity(fixture, args.only)
+  cli.add_arguments(parser, config="overrides")  # of the fixture's own config
+  args, overrides = cli.parse(parser, argv)
+  try:
+    fixture = check.load_fixture(args.fixture_dir)
+    config = ml_collections.ConfigDict({"model": fixture.model_config.to_dict()})
+    for item in overrides:
+      config_loader.apply_override(config, item)
+  except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  comparisons, skipped = check.run_parity(fixture, args.only, config.model)
   width = max([len(c.name) for c in comparisons] + [20])
   print(f"{'tensor':<{width}}  {'shape':<22} {'max_abs':>10} {'max_rel':>10}  verdict")
   for c in comparisons:

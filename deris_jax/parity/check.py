@@ -226,9 +226,11 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> Comparison:
   return Comparison(name, ref.shape, float(err.max(initial=0)), float(rel.max(initial=0)), passed)
 
 
-def run_parity(fixture: Fixture, only: Optional[str] = None) -> Tuple[List[Comparison], List[str]]:
-  """Compares every producible fixture tensor. Returns (comparisons, skipped key notes)."""
-  model = build_converted_model(fixture)
+def run_parity(fixture: Fixture, only: Optional[str] = None, model_config=None
+               ) -> Tuple[List[Comparison], List[str]]:
+  """Compares every producible fixture tensor (with the fixture's model config, or
+  `model_config`, e.g. with a switch turned on). Returns (comparisons, skipped key notes)."""
+  model = build_converted_model(fixture, model_config)
   batch = fixture.inputs["perception_image"].shape[0]
   ours = run_with_taps(model, fixture.inputs)
   ours.update(_encoder_metadata(ours))

@@ -1,0 +1,138 @@
+"""deris_jax.cli: one command-line convention for every entry point, and quiet output."""
+import argparse
+import importlib
+import logging
+import pathlib
+import warnings
+
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import bench
+import convert
+import demo
+import predict
+from deris_jax import checkpoints, cli
+from deris_jax.data import prepare
+from deris_jax.parity import __main__ as parity
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+eval_cli = importlib.import_module("eval")
+MICRO = str(ROOT / "configs" / "deris_micro.py")
+
+
+@pytest.fixture(autouse=True)
+def _restore_verbosity():
+  yield
+  cli.set_verbosity(0)
+  warnings.resetwarnings()
+  logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_split_overrides_takes_both_forms():
+  rest, overrides = cli.split_overrides(
+      ["--checkpoint", "c", "--config.model.dtype=bfloat16", "--config.eval.batch_size", "4",
+       "--config", "x.py:a=1", "--config.data.eval_splits=('val',)"])
+  assert rest == ["--checkpoint", "c", "--config", "x.py:a=1"]
+  assert overrides == ["model.dtype=bfloat16", "eval.batch_size=4", "data.eval_splits=('val',)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--override", "a.b=1"], "--override is gone: override a config field with --config.a.b"),
+    (["--config.a.b"], "--config.a.b needs a value"),
+    (["--config.=3"], "no field name"),
+])
+def test_malformed_command_lines_say_what_to_write(argv, message):
+  with pytest.raises(cli.UsageError, match=message):
+    cli.split_overrides(argv)
+
+
+def _train_config(*args) -> ml_collections.ConfigDict:
+  """The config as train.py's absl config_flags parses these arguments."""
+  argv = ["train.py", *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _argparse_config(*args) -> ml_collections.ConfigDict:
+  """The same arguments through deris_jax.cli, as eval/predict/convert/bench parse them."""
+  parser = argparse.ArgumentParser()
+  cli.add_arguments(parser)
+  parsed, overrides = cli.parse(parser, list(args))
+  return cli.load(parsed.config, overrides)
+
+
+@pytest.mark.parametrize("args", [
+    ("--config.model.dtype=bfloat16", "--config.eval.batch_size=4"),
+    ("--config.model.image_size=(64,64)", "--config.train.max_steps=3"),
+    ("--config.data.eval_splits=('val',)", "--config.model.reference_compat=False"),
+])
+def test_train_and_the_other_commands_read_a_command_line_alike(args):
+  ours = _argparse_config("--config", MICRO, *args)
+  theirs = _train_config(f"--config={MICRO}", *args)
+  assert ours.to_dict() == theirs.to_dict()
+  assert ours.data.image_size == ours.model.image_size  # linked in both
+
+
+def test_load_takes_the_checkpoints_config_when_none_is_given(tmp_path):
+  config = cli.load(MICRO)
+  checkpoints.save_params(tmp_path / "ck", {"w": np.zeros(2, np.float32)},
+                          metadata={"kind": "train", "config": config.to_dict()})
+  stored = cli.load(None, ["model.dtype=bfloat16"], checkpoint=tmp_path / "ck")
+  assert stored.model.dtype == "bfloat16" and stored.data.to_dict() == config.data.to_dict()
+  with pytest.raises(cli.UsageError, match="give --config"):
+    cli.load(None)
+
+
+@pytest.mark.parametrize("main, argv", [
+    (eval_cli.main, ["--checkpoint", "c", "--split", "val"]),
+    (predict.main, ["--checkpoint", "c", "--image", "x.png", "--text", "a"]),
+    (demo.main, ["--checkpoint", "c"]),
+    (convert.main, ["deris", "--checkpoint", "c.pth", "--out", "o", "--config", MICRO]),
+    (bench.main, ["--config", MICRO]),
+    (parity.main, ["fixture"]),
+])
+def test_every_command_refuses_the_old_override_flag(main, argv, capsys):
+  with pytest.raises(SystemExit):
+    main(argv + ["--override", "model.dtype=bfloat16"])
+  assert "--override is gone" in capsys.readouterr().err
+
+
+def test_prepare_takes_no_config_overrides(capsys):
+  with pytest.raises(SystemExit):
+    prepare.main(["--dataset", "synthetic", "--config.model.dtype=bfloat16"])
+  assert "this command takes no config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main, argv", [
+    (convert.main, ["deris", "--checkpoint", "c.pth", "--out", "o", "--config", MICRO]),
+    (parity.main, ["fixture"]),
+])
+def test_an_unknown_field_is_one_error_line(main, argv, capsys, tiny_dir):
+  argv = [str(tiny_dir) if a == "fixture" else a for a in argv]
+  assert main(argv + ["--config.model.nope=1"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: override 'model.nope=1': unknown config field 'model.nope'"]
+
+
+def test_bench_names_an_unknown_field(capsys):
+  with pytest.raises(SystemExit):
+    bench.main(["--config", MICRO, "--config.model.nope=1"])
+  assert "unknown config field 'model.nope'" in capsys.readouterr().err
+
+
+def test_verbosity_zero_silences_the_libraries_but_not_us():
+  cli.set_verbosity(0)
+  assert logging.getLogger("absl").level == logging.ERROR
+  assert logging.getLogger("tensorflow").level == logging.ERROR and not cli.verbose()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.warn_explicit("lib", DeprecationWarning, "x.py", 1, module="tensorflow.x")
+    warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="deris_jax.train.loop")
+  assert [str(w.message) for w in caught] == ["ours"]
+  cli.set_verbosity(1)
+  assert logging.getLogger("absl").level == logging.INFO and cli.verbose()
