@@ -12,7 +12,7 @@ converted, pretrained); `--config PATH[:ARG]` replaces it, `--config.a.b=VALUE` 
 field of either (deris_jax/cli.py: the convention every command shares).
 
 'reference' is the official protocol (model input size, against nearest-resized ground truth,
-reference.md §5/§10); 'original' is each image's own size. tau defaults to
+docs/design.md §5/§10); 'original' is each image's own size. tau defaults to
 config.eval.score_threshold (configs/eval_common.py: the value behind the README numbers).
 `--tau_sweep` adds the metrics at every tau of config.eval.tau_grid, from the same pass.
 `--which best` reads WORKDIR/checkpoints/best of a training run (the epoch with the highest

@@ -1,19 +1,19 @@
 """Pieces shared by every config: model sizes of the released variants, the training sections,
 `parse_arg` / `choice` for config arguments (values two sections read are linked by `deris_jax.config_check.link_shared`).
 
-Values mirror ../shared/design/reference.md; the comment on each names its section.
+Values mirror docs/design.md; the comment on each names its section.
 """
 import ml_collections as mlc
 
 from deris_jax import losses
 
-# Perception backbones (reference.md §2).
+# Perception backbones (docs/design.md §2).
 SWIN = {
     "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
     "base384": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
                     window_size=12),
 }
-# Cognition encoders (reference.md §3).
+# Cognition encoders (docs/design.md §3).
 BEIT3 = {
     "base": dict(embed_dim=768, num_layers=12, num_heads=12, ffn_dim=3072, drop_path_rate=0.1),
     # QUIRK §3: `rop_path_rate` typo in the official wrapper -> BEiT3-large trains with 0.
@@ -52,7 +52,7 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
   """The DeRIS model section for a released variant (B = Swin-S + BEiT3-base, L = Swin-B + large)."""
   return mlc.ConfigDict(dict(
       dtype="float32",  # compute dtype; 'bfloat16' for speed (params stay float32)
-      reference_compat=True,  # reproduce the official quirks (design README)
+      reference_compat=True,  # reproduce the official quirks (docs/design.md, quirks table)
       compat_group_size=16,  # query_SA batch-axis attention group (§4); 1 for gRefCOCO
       num_queries=num_queries,  # §1 table: 10 RefCOCO, 20 gRefCOCO
       hidden_dim=256,  # §2/§4: conv_dim = mask_dim = decoder hidden = projections
@@ -61,7 +61,7 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
       max_tokens=max_tokens,  # §3: 20 RefCOCO, 50 gRefCOCO
       remat=False,  # recompute BEiT-3 layers in the backward pass (large batches / DeRIS-L)
       scan_layers=False,  # BEiT-3 layers as one lax.scan (same numbers, faster compile)
-      existence_veto=False,  # corrected model only: existence head may veto (design README)
+      existence_veto=False,  # corrected model only: the existence head may veto (docs/design.md)
       existence_threshold=0.5,
       swin=dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.3, **SWIN[swin]),  # §2
       pixel_decoder=dict(num_heads=8, num_points=4, num_layers=6, ffn_dim=1024,  # §2
@@ -84,7 +84,7 @@ def loss_config() -> mlc.ConfigDict:
 
 
 def optimizer_config() -> mlc.ConfigDict:
-  """Adam + amsgrad with the official param groups (reference.md §9)."""
+  """Adam + amsgrad with the official param groups (docs/design.md §9)."""
   return mlc.ConfigDict(dict(
       name="adam",  # §9 torch Adam (not AdamW), its exact update rule
       lr=1e-4,  # §9
@@ -104,7 +104,7 @@ def optimizer_config() -> mlc.ConfigDict:
 
 def schedule_config(*, warmup_epochs: int, decay_epochs, decay_ratio: float = 0.1,
                     name: str = "multistep_warmup") -> mlc.ConfigDict:
-  """The per-epoch MultiStepLRWarmUp factors (reference.md §9; deris_jax.train.schedule)."""
+  """The per-epoch MultiStepLRWarmUp factors (docs/design.md §9; deris_jax.train.schedule)."""
   return mlc.ConfigDict(dict(
       name=name,  # multistep_warmup | linear_warmup | constant
       warmup_epochs=warmup_epochs,  # §9: epoch e < warmup runs at (e + 1) / (warmup + 1)

@@ -1,6 +1,6 @@
 """The `data` config sections: RefCOCO/+/g (mixed), gRefCOCO, and the synthetic default.
 
-Values mirror ../shared/design/reference.md; the comment on each names its section. Consumed
+Values mirror docs/design.md; the comment on each names its section. Consumed
 by `deris_jax.data.pipeline.make_pipeline(config.data, split, ...)`.
 """
 import ml_collections as mlc

@@ -1,4 +1,4 @@
-"""The DeRIS family (reference.md §1): DeRIS-B or DeRIS-L on RefCOCO/+/g or gRefCOCO.
+"""The DeRIS family (docs/design.md §1): DeRIS-B or DeRIS-L on RefCOCO/+/g or gRefCOCO.
 
 Usage: `--config configs/deris.py:variant=b,data=refcoco` (`parse_arg` syntax): `variant` b
 (Swin-S + BEiT3-base) or l (Swin-B 384 + BEiT3-large), `data` refcoco (RefCOCO/+/g, mixed) or

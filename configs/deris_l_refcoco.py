@@ -1,4 +1,4 @@
-"""DeRIS-L on RefCOCO/+/g (Swin-B (384) + BEiT3-large; reference.md §1), a released name.
+"""DeRIS-L on RefCOCO/+/g (Swin-B (384) + BEiT3-large; docs/design.md §1), a released name.
 
 An alias of `configs/deris.py:variant=l,data=refcoco` (the family file holds the recipe).
 Usage: `--config configs/deris_l_refcoco.py`.

@@ -42,5 +42,5 @@ def get_config(arg=None):
   config.train.update(seed=0, log_every_steps=2, eval_every_epochs=0, checkpoint_every_steps=2,
                       async_checkpoint=False, tensorboard=False)
   config.sharding.fsdp_min_size = 0  # shard even tiny leaves, so tests exercise fsdp
-  config.eval = eval_common.eval_config("micro", config.data)  # tau 0.7 (reference.md §5)
+  config.eval = eval_common.eval_config("micro", config.data)  # tau 0.7 (docs/design.md §5)
   return config_check.link_shared(config)

@@ -1,10 +1,10 @@
 """The `eval` config sections: score threshold tau, resolution, eval batch, splits, tau grid.
 
 Consumed by `deris_jax.evaluation.evaluate`, eval.py and predict.py. Values mirror
-../shared/design/reference.md; the comment on each names its section. Wire one into a config
+docs/design.md; the comment on each names its section. Wire one into a config
 with `config.eval = eval_common.eval_config('deris_b_refcoco', config.data)`.
 
-Eval batch and query_SA groups (reference.md §4, §8): with `model.reference_compat` the
+Eval batch and query_SA groups (docs/design.md §4, §8): with `model.reference_compat` the
 decoder's query self-attention mixes the samples of each group of `model.compat_group_size`
 consecutive samples, so the official numbers depend on the official eval batch: 16 per GPU
 on RefCOCO/+/g (groups of 16), 1 on gRefCOCO (samples independent). `evaluate` keeps groups

@@ -15,14 +15,14 @@ host, merged across hosts bit-exactly, and every sample of the split is counted 
 the pipeline pads each host's stream with weight-0 examples (example_id -1), which are
 dropped; the count is checked against the split's size.
 
-Resolutions (reference.md §5, §10):
+Resolutions (docs/design.md §5, §10):
   'reference'  the official protocol: the model's input size, against the union of the
                nearest-resized GT masks (`gt_masks`);
   'original'   each image's own size: the per-query logits are resized bilinearly
                (`inference.resize_logits_to_canvas`, on the data.canvas_size canvas), then
                thresholded, against `gt_mask_orig`.
 
-query_SA groups (reference.md §4, configs/eval_common.py). With `model.reference_compat` and
+query_SA groups (docs/design.md §4, configs/eval_common.py). With `model.reference_compat` and
 `model.compat_group_size` g > 1 the model mixes the samples of each group of g consecutive
 samples of a batch, so the numbers depend on the grouping. The official numbers come from one
 GPU with batch g, in the order of the annotation file: groups of g consecutive entries of the

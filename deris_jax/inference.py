@@ -1,7 +1,7 @@
 """Inference post-processing: per-query outputs -> one mask and a no-target decision per sample.
 
 What the official code does (`mix_gref_hiervg_mr_loopback.py::get_predictions_parts`,
-`deris/evaluations/grefcoco.py`, reference.md §5):
+`deris/evaluations/grefcoco.py`, docs/design.md §5):
   score_n   = softmax(refer_logits_n)[0]                         (class 0 = "referred")
   mask      = OR over queries with score_n > tau of (sigmoid(mask_logits_n) >= 0.5)
   no_target = no query has score_n > tau                         (then the mask is empty)

@@ -1,6 +1,6 @@
 """The DeRIS training objective: Hungarian matching, point-sampled mask losses, existence BCE.
 
-What the official code computes (reference.md §6; `simplehead_Independent_matching.py`,
+What the official code computes (docs/design.md §6; `simplehead_Independent_matching.py`,
 `Mask_Criterion.py`, Mask2Former `matcher.py` / `point_features.py`), per prediction round r
 (rounds 0..R-1 are the auxiliary rounds, round R the final one), each matched independently:
 
@@ -72,7 +72,7 @@ NORMALIZERS = ("global", "official")
 
 
 def default_loss_config() -> mlc.ConfigDict:
-  """The `loss` config section of the released models (reference.md §6)."""
+  """The `loss` config section of the released models (docs/design.md §6)."""
   return mlc.ConfigDict(dict(
       num_points=12544,  # TRAIN_NUM_POINTS, matcher and losses
       oversample_ratio=3.0,  # OVERSAMPLE_RATIO: candidates = num_points * 3

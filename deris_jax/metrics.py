@@ -3,7 +3,7 @@
 The accumulators hold only integer counts (int64) and one float64 sum per metric, so batches
 can be added in any order, shards merged with `merge`, and states all-gathered across hosts
 (`state()` / `from_state()`). Formulas follow `deris/apis/test.py::accuracy` (RefCOCO/+/g) and
-`deris/evaluations/grefcoco.py::gres_evaluate` (gRefCOCO), reference.md §10:
+`deris/evaluations/grefcoco.py::gres_evaluate` (gRefCOCO), docs/design.md §10:
 
 RIS (per sample I = |P & G|, U = |P | G|, IoU = I/U, or 0 when U < 1):
   mIoU = 100 mean IoU, oIoU = 100 sum I / sum U, Pr@t = 100 mean[IoU >= t], t = 0.5 .. 0.9.

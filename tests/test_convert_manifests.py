@@ -53,7 +53,7 @@ def test_manifest_maps_completely(variant, fixtures_root, abstract_models):
 
 
 def test_reference_parameter_counts(abstract_models):
-  """reference.md §1: DeRIS-B 291.46 M and DeRIS-L 781.54 M numbers in the state dict."""
+  """docs/design.md §1: DeRIS-B 291.46 M and DeRIS-L 781.54 M numbers in the state dict."""
   for variant, millions in [("deris_b_refcoco", 291.46), ("deris_l_refcoco", 781.54)]:
     params = torch_to_nnx.flat_shapes(nnx.state(abstract_models(variant), nnx.Param))
     count = sum(int(np.prod(s)) for s in params.values())

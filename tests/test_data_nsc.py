@@ -1,4 +1,5 @@
-"""NSC (reference.md §7): similarity, rate, exclusion of the own image, threshold, determinism."""
+"""NSC (docs/design.md §7): similarity, rate, exclusion of the own image, threshold, determinism.
+"""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "configs" / "deris_micro.py")
 
 # Parameters of the model built from each released config: (total, trainable, frozen Swin).
-# reference.md §1 measured DeRIS-B 291.46 M (242.62 M trainable, Swin 48.84 M) and DeRIS-L
+# docs/design.md §1 measured DeRIS-B 291.46 M (242.62 M trainable, Swin 48.84 M) and DeRIS-L
 # 781.54 M (694.66 M): deris-jax builds ~0.14 M fewer, the official modules that are never
 # called (deris_jax.convert.deris_keys.DROPS; tests/test_train_optimizer.py).
 PARAMS = {

@@ -1,4 +1,4 @@
-"""The optimizer, schedule, parameter groups and training configs against reference.md §6/§9."""
+"""The optimizer, schedule, parameter groups and training configs against docs/design.md §6/§9."""
 import jax
 import jax.numpy as jnp
 import numpy as np

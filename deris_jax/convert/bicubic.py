@@ -1,7 +1,7 @@
 """PyTorch's bicubic resize (`F.interpolate(mode='bicubic', align_corners=False)`) in numpy.
 
 Used once per conversion, to resize the BEiT-3 vision position table when the cognition image
-size differs from the checkpoint's (reference.md §11). It follows torch's CPU kernel:
+size differs from the checkpoint's (docs/design.md §11). It follows torch's CPU kernel:
   * source coordinate `(i + 0.5) * in / out - 0.5`, in float32 and NOT clamped at 0 (torch
     clamps only for linear modes), then `floor` capped at `in - 1`, fraction clamped to [0, 1];
   * Keys' cubic convolution with A = -0.75 over the 4 taps `floor - 1 .. floor + 2`, each

@@ -1,4 +1,4 @@
-"""Initial DeRIS weights from the paper's pretrained checkpoints (reference.md §11).
+"""Initial DeRIS weights from the paper's pretrained checkpoints (docs/design.md §11).
 
 Two files, mapped as the official loaders do (the tables are in `pretrained_keys`):
   * a Mask2Former COCO-instance Swin checkpoint (detectron2 `.pkl`): `backbone.*` -> the Swin

@@ -1,4 +1,4 @@
-"""The key tables of the pretrained initial weights (reference.md §11): one rename table and one
+"""The key tables of the pretrained initial weights (docs/design.md §11): one rename table and one
 ignore table per source file (Mask2Former `.pkl`, BEiT-3 `.pth`), which model parameters each
 file must provide, and which keep their official initialiser, with the reason for each.
 

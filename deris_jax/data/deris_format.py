@@ -2,7 +2,7 @@
 
 - RefCOCO/+/g: `annotations/mixed-seg/instances_nogoogle_withid.json`, top-level keys `train`
   (RefCOCO + RefCOCO+ + RefCOCOg-umd train, mixed) and the nine evaluation splits
-  (reference.md §8). An entry: `image_id`, `expressions` (list of str), `mask` (polygons or
+  (docs/design.md §8). An entry: `image_id`, `expressions` (list of str), `mask` (polygons or
   RLE), `id` (annotation id, must be > 0: official issue #6), `height`, `width`.
 - gRefCOCO: `annotations/grefs/instances.json` (the README spells it `instance.json`; both are
   accepted). An entry: `image_id`, `expressions` {"raw": str}, `annotations` (list of
@@ -23,7 +23,7 @@ GREFS_FILES = (os.path.join("annotations", "grefs", "instances.json"),
                os.path.join("annotations", "grefs", "instance.json"))
 IMAGES_DIR = os.path.join("images", "mscoco", "train2014")
 
-# Split name in the DeRIS file -> source dataset label (reference.md §8).
+# Split name in the DeRIS file -> source dataset label (docs/design.md §8).
 MIXED_SPLITS = {
     "train": "refcoco_mixed",
     "val_refcoco_unc": "refcoco_unc",

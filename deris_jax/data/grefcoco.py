@@ -1,4 +1,4 @@
-"""TFDS builder `grefcoco`: gRefCOCO (0, 1 or several targets per expression; reference.md §8).
+"""TFDS builder `grefcoco`: gRefCOCO (0, 1 or several targets per expression; docs/design.md §8).
 
 Configs: `deris` reads the DeRIS file, `refer` the original gRefCOCO files; both give the same
 examples. Splits `train`, `val`, `testA`, `testB`, one entry per sentence.

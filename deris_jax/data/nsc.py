@@ -1,4 +1,4 @@
-"""NSC, non-referent sample conversion (reference.md §7), as a pure function of a random key.
+"""NSC, non-referent sample conversion (docs/design.md §7), as a pure function of a random key.
 
 With probability `rate`, a training sample that has a target gets the expression of another
 image whose character-level similarity Sim = (Jaccard + cosine) / 2 to its own expression is

@@ -1,6 +1,6 @@
 """TensorFlow ops of the input pipeline: image decoding and resizing, masks from run lengths.
 
-Matches the official preprocessing (reference.md §8) as closely as TF allows:
+Matches the official preprocessing (docs/design.md §8) as closely as TF allows:
 - JPEG decoding with the accurate integer DCT, which equals cv2/libjpeg's default (TF's own
   default, INTEGER_FAST, differs by up to 6 grey levels).
 - `HierResize(keep_ratio=False)`: cv2 bilinear on uint8; here TF bilinear with half-pixel

@@ -1,4 +1,4 @@
-"""TFDS builder `refcoco_mixed`: RefCOCO/+/g as DeRIS trains and evaluates them (reference.md §8).
+"""TFDS builder `refcoco_mixed`: RefCOCO/+/g as DeRIS trains and evaluates (docs/design.md §8).
 
 Configs: `deris` reads the DeRIS files, `refer` the original REFER files; both give the same
 examples. Splits: `train` (RefCOCO + RefCOCO+ + RefCOCOg-umd train, mixed, one entry per ref

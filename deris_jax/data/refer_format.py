@@ -25,7 +25,7 @@ from deris_jax.data import deris_format
 from deris_jax.data import entries as E
 from deris_jax.data import text as T
 
-# (folder, refs file, REFER split) for every DeRIS RefCOCO split (reference.md §8).
+# (folder, refs file, REFER split) for every DeRIS RefCOCO split (docs/design.md §8).
 _REFCOCO_SOURCES = {
     "refcoco_unc": ("refcoco", "refs(unc).p"),
     "refcocoplus_unc": ("refcoco+", "refs(unc).p"),

@@ -1,4 +1,7 @@
-"""Expression text cleaning, exactly as the official `loading.py::clean_string` (reference.md §8)."""
+"""Expression text cleaning, exactly as the official `loading.py::clean_string`.
+
+docs/design.md §8.
+"""
 import re
 
 _DROPPED = re.compile(r"[.,'!?\"()*#:;]")

@@ -1,4 +1,4 @@
-"""XLM-R sentencepiece tokenization of expressions, as the official `loading.py` (reference.md §8).
+"""XLM-R sentencepiece tokenization of expressions, as the official loader (docs/design.md §8).
 
 The official code builds `transformers.XLMRobertaTokenizer("pretrain_weights/beit3.spm")`
 (transformers 4.x, the sentencepiece-backed "slow" class) and per expression does

@@ -2,7 +2,7 @@
 
 One joint self-attention runs over [CLS, image patches, text tokens]; every projection and norm
 has two experts, `A` for vision tokens and `B` for text tokens, split at a static position
-(reference.md §3). Layers are pre-LN with subLN (`inner_attn_ln` before the attention output
+(docs/design.md §3). Layers are pre-LN with subLN (`inner_attn_ln` before the attention output
 projection, `ffn_layernorm` inside the FFN), and the encoder ends with a multiway LayerNorm.
 Positions are learned per modality and start at index 2 (the fairseq offset); padded text keys
 get -inf and padded token embeddings are zeroed before the first layer.

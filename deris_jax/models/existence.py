@@ -3,7 +3,7 @@
 Official `MultiGrainAligner` (a `DetrTransformerDecoder`, batch-first, post-norm order
 self-attn, LN, cross-attn, LN, FFN, LN, plus a final LayerNorm) over the final loopback queries,
 with the projected text as keys/values and -inf on padded text; then
-`pred_existence = mean_n nt_embed(q_n)` (reference.md §4). The head is trained (existence BCE)
+`pred_existence = mean_n nt_embed(q_n)` (docs/design.md §4). The head is trained (existence BCE)
 but the reference inference ignores it; `logit_embed` is computed by the reference and unused.
 """
 from typing import Optional

@@ -1,6 +1,6 @@
 """Building blocks shared by every DeRIS module, with PyTorch numerics and initialisers.
 
-Conventions (see ../shared/design/README.md):
+Conventions (docs/design.md and the README):
 - Parameters are float32; `dtype` is the compute dtype of matmuls and convolutions.
 - Norms and softmax run in float32 and return the input dtype.
 - Sub-module names follow the official PyTorch keys (`in_proj`, `out_proj`, `layers`), so

@@ -1,7 +1,7 @@
 """The loopback decoder: perception layers, loopback (cognition) modules and prediction heads.
 
 This is the official `MultiScaleMaskedTransformerDecoderForOPTPreTrain.forward_woconcat`
-(reference.md §4). With C = hidden dim and N queries:
+(docs/design.md §4). With C = hidden dim and N queries:
 
   fm = channel_proj_conv([mask_features, up(f_v)])                      # (B, H4, W4, C)
   round 0:   heads(Q0) -> masks M0, attention mask for level 0; loopback 0 -> Q

@@ -1,4 +1,4 @@
-"""Mask2Former `MSDeformAttnPixelDecoder` as DeRIS builds it (reference.md §2), NHWC.
+"""Mask2Former `MSDeformAttnPixelDecoder` as DeRIS builds it (docs/design.md §2), NHWC.
 
 res5, res4, res3 -> `input_proj` (1x1 conv + GroupNorm) -> flattened + sine position code +
 `level_embed` -> `num_layers` post-norm MSDeformAttn encoder layers -> three maps (1/32, 1/16,

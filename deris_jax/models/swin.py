@@ -1,6 +1,6 @@
 """Swin Transformer backbone (the official `swin_trans.SwinTransformer` of DeRIS), NHWC.
 
-Reproduces the official numerics exactly (reference.md §2): every block pads its map
+Reproduces the official numerics exactly (docs/design.md §2): every block pads its map
 right/bottom with zeros to a multiple of the window *after* `norm1` (padded tokens still get
 the qkv bias and act as keys), shifted blocks roll by -window//2 and add the -100 mask of the
 official `BasicLayer`, PatchMerging pads odd maps, and each stage output goes through its own

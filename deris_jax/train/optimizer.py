@@ -1,4 +1,4 @@
-"""The optimizer of reference.md §9, with PyTorch's exact update rules, as optax transforms.
+"""The optimizer of docs/design.md §9, with PyTorch's exact update rules, as optax transforms.
 
   clip_grad_norm_(0.15) -> Adam(amsgrad, betas (0.9, 0.98), eps 1e-9, weight decay 0)
   -> learning rate: base lr x per-epoch factor (`schedule`) x the parameter's group multiplier

@@ -1,6 +1,6 @@
 """The learning-rate schedule: the official per-epoch factors, as a function of the train step.
 
-The official scheduler (`deris/core/scheduler.py::MultiStepLRWarmUp`, reference.md §9) is a
+The official scheduler (`deris/core/scheduler.py::MultiStepLRWarmUp`, docs/design.md §9) is a
 LambdaLR stepped once per epoch, so the learning rate is constant within an epoch:
   epoch < warmup_epochs:  factor (epoch + 1) / (warmup_epochs + 1)   (no per-step ramp)
   else, decay_epochs set: decay_ratio ** #{s in decay_epochs : epoch + 1 >= s}
