@@ -17,7 +17,8 @@ LOG=${1:-/tmp/full_size_cpu.log}
 run() { echo "\$ $*" | tee -a "$LOG"; /usr/bin/time -f "wall %e s, peak RSS %M KB" "$@" 2>&1 | tee -a "$LOG"; }
 
 for V in b l; do
-  run python bench.py --mode train --config "configs/deris_${V}_refcoco.py" --batch 1 --steps 2 --warmup 1
+  run python bench.py --mode train --config "configs/deris_${V}_refcoco.py" --batch 1 --steps 2 --warmup 1 \
+      --config.data.official_world_size=1  # the official loss normaliser needs B % 4 == 0
 done
 run python bench.py --config configs/deris_b_refcoco.py --batch 1 --steps 5 --warmup 1
 

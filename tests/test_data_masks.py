@@ -1,13 +1,15 @@
-"""COCO mask decoding (deris_jax.data.masks) against values produced by pycocotools 2.0.
+"""COCO mask decoding (deris_jax.data.masks, over pycocotools) against literal pycocotools values.
 
-The literal cases below were produced with pycocotools (`frPyObjects` + `merge`, compressed
-counts and `area`) on random polygons; a developer check over 3000 random polygons and RLEs
-matched pycocotools exactly (see the data package report).
+The literal cases below were produced with pycocotools 2.0 (`frPyObjects` + `merge`, compressed
+counts and `area`) on random polygons, when the decoding was our own; they now pin the
+installed pycocotools and the way the builders call it. Bad segmentations must be errors that
+name the problem, before pycocotools sees them (it decodes short RLEs into garbage).
 """
 import re
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_util
 
 from deris_jax.data import masks as M
 
@@ -33,7 +35,8 @@ PYCOCOTOOLS_CASES = [
 def test_polygon_matches_pycocotools(height, width, polygon, counts, area):
   mask = M.decode_segmentation([polygon], height, width)
   assert int(mask.sum()) == area
-  assert M.encode_rle_string(M.mask_to_runs(mask)) == counts
+  assert mask_util.encode(np.asfortranarray(mask))["counts"].decode() == counts
+  assert M.decode_rle_string(counts).tolist() == M.mask_to_runs(mask).tolist()
   rle_mask = M.decode_segmentation({"size": [height, width], "counts": counts}, height, width)
   np.testing.assert_array_equal(rle_mask, mask)
 
@@ -54,7 +57,10 @@ def test_rle_string_roundtrip_and_uncompressed_counts():
   mask = (rng.random((13, 17)) > 0.6).astype(np.uint8)
   runs = M.mask_to_runs(mask)
   assert runs.sum() == 13 * 17
-  np.testing.assert_array_equal(M.decode_rle_string(M.encode_rle_string(runs)), runs)
+  counts = mask_util.encode(np.asfortranarray(mask))["counts"]  # bytes, as COCO files hold
+  np.testing.assert_array_equal(M.decode_rle_string(counts), runs)
+  np.testing.assert_array_equal(
+      M.decode_segmentation({"size": [13, 17], "counts": counts.decode()}, 13, 17), mask)
   decoded = M.decode_segmentation({"size": [13, 17], "counts": runs.tolist()}, 13, 17)
   np.testing.assert_array_equal(decoded, mask)
   full = np.ones((3, 4), np.uint8)  # starts with a run of ones -> leading zero run
@@ -67,6 +73,8 @@ def test_rle_string_roundtrip_and_uncompressed_counts():
     ([], "empty polygon list"),
     ([["a", 1, 2, 3, 4, 5]], "not a list of finite numbers"),
     ({"size": [4, 4], "counts": [3, 4]}, "sum to 7, expected height*width = 16"),
+    ({"size": [4, 4], "counts": "32"}, "sum to 5, expected height*width = 16"),  # short
+    ({"size": [4, 4], "counts": "3>2"}, "sum to 19, expected height*width = 16"),  # long
     ({"size": [5, 4], "counts": [20]}, "differs from the image"),
     ({"size": [4, 4], "counts": "@@ \x7f"}, "invalid character"),
     ({"counts": [16]}, "needs 'counts' and 'size'"),

@@ -13,6 +13,7 @@ import pickle
 
 import numpy as np
 import PIL.Image
+from pycocotools import mask as mask_util
 
 from deris_jax.data import deris_format
 from deris_jax.data import masks as M
@@ -37,7 +38,8 @@ _RLE_104 = _rect_mask(48, 40, (10, 10, 30, 12), (5, 30, 8, 40))  # 40 + 30 pixel
 ANNOTATIONS = {  # ann_id -> (image_id, segmentation)
     101: (9, [_rect(2, 3, 12, 9)]),  # 60
     102: (9, [_rect(20, 5, 30, 25), _rect(40, 30, 45, 38)]),  # 200 + 40
-    103: (25, {"size": [36, 30], "counts": M.encode_rle_string(M.mask_to_runs(_RLE_103))}),
+    103: (25, {"size": [36, 30],
+               "counts": mask_util.encode(np.asfortranarray(_RLE_103))["counts"].decode()}),
     104: (30, {"size": [48, 40], "counts": M.mask_to_runs(_RLE_104).tolist()}),
     105: (25, [_rect(15, 20, 25, 33)]),  # 130
 }

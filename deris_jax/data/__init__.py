@@ -4,7 +4,7 @@ Importing this package imports nothing heavy; TensorFlow is only imported by the
 need it (builders, pipeline), and only inside this package.
 
   entries, deris_format, refer_format   annotation files -> validated entries
-  masks                                 COCO polygons / RLE without pycocotools
+  masks                                 COCO polygons / RLE, decoded by pycocotools
   referring_builder, refcoco, grefcoco, synthetic, registry   the TFDS builders
   text, tokenizer, nsc                  expression cleaning, XLM-R ids, NSC
   locations                             the data directory, prepared metadata (no TF)

@@ -1,17 +1,22 @@
-"""COCO segmentation decoding without pycocotools: RLE (compressed and plain) and polygons.
+"""COCO segmentations (polygons, RLE) decoded by pycocotools, as the official loaders decode them.
 
-The results equal pycocotools' `frPyObjects` + `merge` + `decode`, which the official loaders
-call (`loading.py::_load_mask(s)`): polygons are rasterised with the same boundary walk on a 5x
-upsampled grid, RLE counts are column-major runs that start with a run of zeros.
+`decode_segmentation` is the official `loading.py::_load_mask(s)`: polygons go through
+`frPyObjects` + `merge` + `decode` (several polygons of one object are one mask), RLE dicts
+through `decode` (compressed counts) or `frPyObjects` first (plain counts). Before pycocotools
+sees a segmentation it is checked here, so that a bad one is an error naming the problem:
+types, sizes, polygon lengths, and the run total of an RLE. pycocotools cannot serve for that
+last check: version 2.0.11 decodes an RLE whose runs fall short of height x width into
+uninitialised memory without an error, and it has no public function that returns the runs of
+a compressed string; `decode_rle_string` reads them (the 5-bit group format of the COCO API).
 
-Everything here is numpy; it runs at prepare time, never inside the tf.data pipeline (which
-decodes the plain run lengths written by the builders, see `pipeline_ops.decode_rle_masks`).
+`mask_to_runs` / `runs_to_mask` are the builders' own storage format, plain column-major run
+lengths that the tf.data pipeline decodes (`pipeline_ops.decode_rle_masks`), not a COCO one.
+Everything here runs at prepare time, never inside the pipeline.
 """
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
-_UPSAMPLE = 5.0  # pycocotools rasterises polygon boundaries on a 5x finer grid
+from pycocotools import mask as mask_util
 
 
 class MaskDecodeError(ValueError):
@@ -48,31 +53,10 @@ def decode_rle_string(counts: str | bytes) -> np.ndarray:
   return np.asarray(runs, np.int64)
 
 
-def encode_rle_string(runs: Sequence[int]) -> str:
-  """Run lengths -> compressed COCO RLE string (inverse of `decode_rle_string`)."""
-  chars = []
-  runs = [int(r) for r in runs]
-  for i, run in enumerate(runs):
-    value = run - runs[i - 2] if i > 2 else run
-    more = True
-    while more:
-      code = value & 0x1F
-      value >>= 5
-      more = value != -1 if code & 0x10 else value != 0
-      if more:
-        code |= 0x20
-      chars.append(chr(code + 48))
-  return "".join(chars)
-
-
 def runs_to_mask(runs: np.ndarray, height: int, width: int) -> np.ndarray:
   """Column-major run lengths (zeros first) -> (height, width) uint8 mask."""
   runs = np.asarray(runs, np.int64)
-  if (runs < 0).any():
-    raise MaskDecodeError(f"RLE has a negative run length ({int(runs.min())})")
-  if int(runs.sum()) != height * width:
-    raise MaskDecodeError(
-        f"RLE run lengths sum to {int(runs.sum())}, expected height*width = {height * width}")
+  _check_runs(runs, height, width)
   values = (np.arange(len(runs)) % 2).astype(np.uint8)  # 0, 1, 0, 1, ...
   flat = np.repeat(values, runs)  # (H*W,) column-major
   return flat.reshape(width, height).T.copy()
@@ -89,73 +73,17 @@ def mask_to_runs(mask: np.ndarray) -> np.ndarray:
   return runs.astype(np.int64)
 
 
-def _polygon_boundary_points(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Integer points along every edge of the polygon on the upsampled grid (closed walk)."""
-  # C-style truncation toward zero, as pycocotools' `(int)(scale * x + .5)`.
-  xs = np.trunc(_UPSAMPLE * xy[:, 0] + 0.5).astype(np.int64)
-  ys = np.trunc(_UPSAMPLE * xy[:, 1] + 0.5).astype(np.int64)
-  xs = np.append(xs, xs[0])
-  ys = np.append(ys, ys[0])
-  us, vs = [], []
-  for j in range(len(xy)):
-    x0, x1, y0, y1 = xs[j], xs[j + 1], ys[j], ys[j + 1]
-    dx, dy = abs(x1 - x0), abs(y1 - y0)
-    # Walk from the lower end of the dominant axis; `flip` walks the points back in edge order.
-    flip = (dx >= dy and x0 > x1) or (dx < dy and y0 > y1)
-    if flip:
-      x0, x1, y0, y1 = x1, x0, y1, y0
-    if dx >= dy:
-      steps = np.arange(dx + 1)
-      t = dx - steps if flip else steps
-      slope = (y1 - y0) / dx if dx else 0.0
-      us.append(t + x0)
-      vs.append(np.trunc(y0 + slope * t + 0.5).astype(np.int64))
-    else:
-      steps = np.arange(dy + 1)
-      t = dy - steps if flip else steps
-      slope = (x1 - x0) / dy
-      vs.append(t + y0)
-      us.append(np.trunc(x0 + slope * t + 0.5).astype(np.int64))
-  return np.concatenate(us), np.concatenate(vs)
-
-
-def polygon_to_runs(polygon: Sequence[float], height: int, width: int) -> np.ndarray:
-  """One COCO polygon [x0, y0, x1, y1, ...] -> run lengths, as pycocotools `rleFrPoly`."""
-  xy = np.asarray(polygon, np.float64).reshape(-1, 2)
-  u, v = _polygon_boundary_points(xy)
-  # Keep the points where the walk crosses a pixel-centre column of the original grid.
-  prev_u, prev_v = u[:-1], v[:-1]
-  cur_u, cur_v = u[1:], v[1:]
-  moved = cur_u != prev_u
-  xd = np.where(cur_u < prev_u, cur_u, cur_u - 1).astype(np.float64)
-  xd = (xd + 0.5) / _UPSAMPLE - 0.5
-  keep = moved & (np.floor(xd) == xd) & (xd >= 0) & (xd <= width - 1)
-  yd = np.where(cur_v < prev_v, cur_v, prev_v).astype(np.float64)
-  yd = (yd + 0.5) / _UPSAMPLE - 0.5
-  yd = np.ceil(np.clip(yd, 0, height))
-  column = xd[keep].astype(np.int64)
-  row = yd[keep].astype(np.int64)
-  # Each crossing toggles the mask from that (column-major) position on.
-  toggles = np.sort(np.append(column * height + row, height * width))
-  gaps = np.diff(np.concatenate([[0], toggles]))
-  # Zero-length gaps cancel a toggle pair: fold the following gap into the previous run.
-  runs = [int(gaps[0])]
-  j = 1
-  while j < len(gaps):
-    if gaps[j] > 0:
-      runs.append(int(gaps[j]))
-      j += 1
-    else:
-      j += 1
-      if j < len(gaps):
-        runs[-1] += int(gaps[j])
-        j += 1
-  return np.asarray(runs, np.int64)
-
-
 def _is_number_list(values: Any) -> bool:
   return isinstance(values, (list, tuple)) and all(
       isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in values)
+
+
+def _check_runs(runs: np.ndarray, height: int, width: int) -> None:
+  if (runs < 0).any():
+    raise MaskDecodeError(f"RLE has a negative run length ({int(runs.min())})")
+  if int(runs.sum()) != height * width:
+    raise MaskDecodeError(
+        f"RLE run lengths sum to {int(runs.sum())}, expected height*width = {height * width}")
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -173,19 +101,22 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
                             f"{[height, width]}")
     counts = segmentation["counts"]
     if isinstance(counts, (str, bytes)):
-      runs = decode_rle_string(counts)
+      _check_runs(decode_rle_string(counts), height, width)
+      rle = {"size": [height, width],
+             "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     elif _is_number_list(counts) and all(float(c).is_integer() for c in counts):
-      runs = np.asarray(counts, np.int64)
+      _check_runs(np.asarray(counts, np.int64), height, width)
+      rle = mask_util.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]},
+                                  height, width)
     else:
       raise MaskDecodeError("RLE 'counts' must be a string or a list of integers")
-    return runs_to_mask(runs, height, width)
+    return np.ascontiguousarray(mask_util.decode(rle), np.uint8)
   if isinstance(segmentation, (list, tuple)):
     polygons = segmentation
     if _is_number_list(polygons) and polygons:  # a single flat polygon
       polygons = [polygons]
     if not polygons:
       raise MaskDecodeError("empty polygon list")
-    mask = np.zeros((height, width), np.uint8)
     for i, polygon in enumerate(polygons):
       if not _is_number_list(polygon):
         raise MaskDecodeError(f"polygon {i} is not a list of finite numbers")
@@ -193,6 +124,6 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
       if len(polygon) % 2 or len(polygon) < 6:
         raise MaskDecodeError(
             f"polygon {i} has {len(polygon)} coordinates; expected an even number >= 6")
-      mask |= runs_to_mask(polygon_to_runs(polygon, height, width), height, width)
-    return mask
+    rles = mask_util.frPyObjects([[float(v) for v in p] for p in polygons], height, width)
+    return np.ascontiguousarray(mask_util.decode(mask_util.merge(rles)), np.uint8)
   raise MaskDecodeError(f"segmentation must be polygons or an RLE dict, got {type(segmentation)}")
