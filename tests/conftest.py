@@ -23,9 +23,10 @@ import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 
 from tests import eval_helpers  # noqa: E402
+from tests import fixture_values  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = pathlib.Path(os.environ.get("DERIS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURES = fixture_values.FIXTURES  # $DERIS_FIXTURES, default ../shared/fixtures
 
 # The suite's own compilation cache; commands started by tests inherit it through the
 # environment (deris_jax.compile_cache), so no test writes to the user's cache.
@@ -85,3 +86,9 @@ def predict_setup(tmp_path_factory, tiny_state_dict) -> dict:
                                                                  config),
           "config_dict": config, "root": root, "jpeg": str(jpeg), "png": str(png),
           "corrupt": str(corrupt)}
+
+
+@pytest.fixture(scope="session")
+def fixture_config_file(tmp_path_factory) -> str:
+  """A config file of the fixture's own model (config.json), for the command lines."""
+  return fixture_values.write_config_file(tmp_path_factory.mktemp("config") / "fixture_model.py")

@@ -1,7 +1,7 @@
 """Shared set-up of the evaluation and prediction tests: data, configs, checkpoints, a fake model.
 
 - `prepare_synthetic`: the tiny synthetic set (24 val / 24 test expressions on 32x32 images).
-- `tiny_config`: the fixture's DeRIS (configs/deris_tiny.py) on that set, images resized to the
+- `tiny_config`: the fixture's DeRIS (its config.json) on that set, images resized to the
   model's 128x128 / 64x64 inputs, with an eval section.
 - `write_train_like_checkpoint`: the fixture weights in the layout train.py leaves (params +
   meta items, kind 'train', a later step, plus an extra item the way optimizer state is).
@@ -17,10 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from configs import data_common, deris_tiny, eval_common
+from configs import data_common, eval_common
 from deris_jax import checkpoints
 from deris_jax.convert import deris_checkpoint
 from deris_jax.data import prepare
+from tests import fixture_values
 
 TRAIN_STEP = 7
 
@@ -41,7 +42,7 @@ def synthetic_data(data_dir: str, image_size=(32, 32), cognition_image_size=(32,
 
 
 def tiny_config(data_dir: str, **eval_overrides) -> ml_collections.ConfigDict:
-  config = deris_tiny.get_config()
+  config = ml_collections.ConfigDict({"model": fixture_values.model_config()})
   config.data = synthetic_data(data_dir, config.model.image_size,
                                config.model.cognition_image_size)
   config.eval = eval_common.eval_config("synthetic", config.data,

@@ -13,9 +13,10 @@ from gradio_client import Client, handle_file
 
 import demo
 from deris_jax import checkpoints, predictor as predictor_lib
+from tests import fixture_values
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TAU = 0.46  # the fixture's random weights score ~0.4-0.52
+TAU = fixture_values.TAU  # the median of the fixture's scores: some queries pass, some not
 
 
 def _free_port() -> int:
@@ -55,7 +56,8 @@ def test_a_prediction_through_the_server_equals_the_predictor(served):
   assert mask.shape == want.mask.shape == (64, 64)
   np.testing.assert_array_equal(mask == 255, want.mask)
   rows = scores["data"]
-  assert [row[0] for row in rows] == sorted(range(10), key=lambda q: -want.scores[q])
+  queries = range(fixture_values.NUM_QUERIES)
+  assert [row[0] for row in rows] == sorted(queries, key=lambda q: -want.scores[q])
   np.testing.assert_allclose([row[1] for row in rows],
                              np.sort(want.scores)[::-1], atol=1e-4)
   assert [row[0] for row in rows if row[2] == "selected"] == want.selected.tolist()

@@ -20,10 +20,11 @@ from deris_jax import checkpoints, evaluation, metrics, trees
 from deris_jax.convert import deris_checkpoint
 from deris_jax.models.deris import abstract_model
 from tests import eval_helpers as H
+from tests import fixture_values
 
 eval_cli = importlib.import_module("eval")  # eval.py ('eval' is also a builtin's name)
 
-TAU = 0.46  # the fixture's random weights score ~0.4-0.52: a tau that selects some queries
+TAU = fixture_values.TAU  # the median of the fixture's scores: some queries pass, some not
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_all_splits_with_sweep(reference_run, capsys):
                           np.asarray([l["no_target_true"] for l in lines]))
     assert recount.result() == pytest.approx(r["metrics"], rel=1e-12, nan_ok=True)
     assert any(l["pred_area"] > 0 for l in lines) and any(l["intersection"] > 0 for l in lines)
-    assert all(len(l["scores"]) == 10 for l in lines)  # the fixture model's 10 queries
+    assert all(len(l["scores"]) == fixture_values.NUM_QUERIES for l in lines)
 
 
 def test_results_are_printed_with_resolution_and_tau(setup, tmp_path, capsys):
@@ -106,7 +107,8 @@ def test_original_resolution_counts_at_the_image_size(setup, reference_run, tmp_
 
 @pytest.mark.parametrize("args, message", [
     (["--split", "nope"], "split 'nope' not in the dataset"),
-    (["--config.model.num_queries=5"], "the model built from the config"),
+    ([f"--config.model.num_queries={fixture_values.NUM_QUERIES + 1}"],
+     "the model built from the config"),
     (["--config.model.nope=5"], "override 'model.nope=5': unknown config field 'model.nope'"),
     (["--score_threshold", "1.5"], "score threshold 1.5 must be in [0, 1)"),
     (["--which", "best"], "no best checkpoint in "),
@@ -182,7 +184,7 @@ def test_which_best_gives_the_numbers_of_the_best_params(setup, run_with_best, r
     assert rc == 0
     with open(tmp_path / name / "results.json") as f:
       summaries[name] = json.load(f)
-  assert "(best: mean gIoU over val 12.50 at tau 0.46, epoch 0)" in capsys.readouterr().err
+  assert f"(best: mean gIoU over val 12.50 at tau {TAU}, epoch 0)" in capsys.readouterr().err
   for summary in summaries.values():
     assert summary["checkpoint_kind"] == "best" and summary["checkpoint_step"] == BEST_STEP
     assert summary["checkpoint_path"] == str(directory / "best")

@@ -1,4 +1,6 @@
 """Inference post-processing: official fixture outputs, predict semantics, canvas resizing."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,14 @@ def jit_predict():
 
 
 # ------------------------------------------------------------------------------------------
-# Against the official post-processing (fixture deris_tiny, tau = 0.9 in its config).
+# Against the official post-processing of the fixture (its own tau and batch size).
 # ------------------------------------------------------------------------------------------
+def _fixture_tau(tiny_dir) -> float:
+  """The score threshold the fixture's post-processing used (its config.json)."""
+  config = json.loads((tiny_dir / "config.json").read_text())
+  return float(config.get("post_params", {}).get("score_threshold", 0.9))
+
+
 def test_scores_and_binary_masks_match_official(tiny_outputs):
   scores = inference.refer_scores(tiny_outputs["final.refer_logits"])
   np.testing.assert_allclose(np.asarray(scores), tiny_outputs["final.refer_scores"], atol=1e-6)
@@ -23,22 +31,28 @@ def test_scores_and_binary_masks_match_official(tiny_outputs):
   np.testing.assert_array_equal(binary, tiny_outputs["final.binary_masks"].astype(bool))
 
 
-def test_predict_matches_official_global_mask(tiny_outputs, jit_predict):
+def test_predict_matches_official_global_mask(tiny_outputs, tiny_dir, jit_predict):
+  tau = _fixture_tau(tiny_dir)
   out = jit_predict(tiny_outputs["final.pred_masks"], tiny_outputs["final.refer_logits"],
-                    tiny_outputs["final.pred_existence"], score_threshold=0.9)
-  for b in range(2):
+                    tiny_outputs["final.pred_existence"], score_threshold=tau)
+  batch = tiny_outputs["final.pred_masks"].shape[0]
+  for b in range(batch):
     np.testing.assert_array_equal(np.asarray(out["mask"][b]),
                                   tiny_outputs[f"final.sample{b}.global_mask"].astype(bool))
-  # Random weights: every score is < 0.9, so the official union is empty and "no target".
-  assert np.asarray(out["no_target"]).all()
+  official_scores = np.stack([tiny_outputs[f"final.sample{b}.scores"] for b in range(batch)])
+  np.testing.assert_array_equal(np.asarray(out["no_target"]),
+                                ~(official_scores > np.float32(tau)).any(axis=1))
   np.testing.assert_allclose(np.asarray(out["existence_prob"]),
                              tiny_outputs["final.existence_prob"][:, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("tau", [0.46, 0.5])
-def test_predict_union_at_lower_tau(tiny_outputs, jit_predict, tau):
-  # The official rule applied to the official scores and binary masks, by numpy.
-  official_scores = np.stack([tiny_outputs[f"final.sample{b}.scores"] for b in range(2)])
+@pytest.mark.parametrize("quantile", [0.5, 0.75])
+def test_predict_union_at_lower_tau(tiny_outputs, jit_predict, quantile):
+  # The official rule applied to the official scores and binary masks, by numpy, at taus
+  # taken from the fixture's own score distribution (so that some queries pass).
+  batch = tiny_outputs["final.pred_masks"].shape[0]
+  official_scores = np.stack([tiny_outputs[f"final.sample{b}.scores"] for b in range(batch)])
+  tau = float(np.quantile(official_scores, quantile))
   binary = tiny_outputs["final.binary_masks"].astype(bool)
   selected = official_scores > np.float32(tau)
   want = (binary & selected[:, :, None, None]).any(axis=1)
@@ -46,9 +60,9 @@ def test_predict_union_at_lower_tau(tiny_outputs, jit_predict, tau):
                     tiny_outputs["final.pred_existence"], score_threshold=tau)
   np.testing.assert_array_equal(np.asarray(out["mask"]), want)
   np.testing.assert_array_equal(np.asarray(out["no_target"]), ~selected.any(axis=1))
-  assert want.any() and (selected.sum(axis=1) >= 1).all()
-  if tau == 0.46:
-    assert (selected.sum(axis=1) >= 4).all()  # a real multi-query union
+  assert want.any() and selected.any()
+  if quantile == 0.5:
+    assert (selected.sum(axis=1) >= 2).any()  # a real multi-query union
 
 
 # ------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def loaded_state(cfg, tiny_state_dict):
       **decoder_kwargs(cfg), rngs=nnx.Rngs(0)))
   sub = {k[len(PREFIX):]: v for k, v in tiny_state_dict.items() if k.startswith(PREFIX)}
   plan = load_into(model, sub, source="deris_tiny/state_dict.safetensors")
-  assert not plan.dropped and len(plan.assignments) == len(sub) == 55
+  assert not plan.dropped and len(plan.assignments) == len(sub) > 0
   return nnx.split(model)
 
 
@@ -63,7 +63,7 @@ def outputs(loaded_state, features):
 def test_every_pixel_decoder_tap_matches_fixture(outputs, tiny_outputs):
   mask_features, multi_scale, taps = outputs
   keys = sorted(k for k in tiny_outputs if k.startswith(TAP) and not k.endswith(STATIC_KEYS))
-  assert len(keys) == 20 and set(keys) <= set(taps)
+  assert keys and set(keys) <= set(taps)  # every pixel-decoder tap the fixture holds
   errors = {}
   for key in keys:
     got = np.asarray(taps[key])

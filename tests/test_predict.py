@@ -7,8 +7,9 @@ import pytest
 
 import predict
 from deris_jax import checkpoints, overlay, predictor as predictor_lib
+from tests import fixture_values
 
-TAU = 0.46  # the fixture's random weights score ~0.4-0.52
+TAU = fixture_values.TAU  # the median of the fixture's scores: some queries pass, some not
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_bad_input(setup, tmp_path, capsys, case, message):
     text = {"empty_text": ["--text", "?! ..."], "no_text": []}.get(case, ["--text", "a cat"])
     extra = ["--image", image] + text
   if case == "wrong_checkpoint":
-    extra += ["--config.model.num_queries=5"]
+    extra += [f"--config.model.num_queries={fixture_values.NUM_QUERIES + 1}"]
   if case == "data_model":  # the config file, not the (linked) stored config
     extra += ["--config", setup["config"], "--config.data.max_tokens=16"]
   if case == "older_layout":

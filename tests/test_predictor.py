@@ -10,8 +10,9 @@ from deris_jax.data import pipeline
 from deris_jax.data import synthetic
 from deris_jax.data import tokenizer as tokenizer_lib
 from deris_jax.ops import resize
+from tests import fixture_values
 
-TAU = 0.46  # the fixture's random weights score ~0.4-0.52
+TAU = fixture_values.TAU  # the median of the fixture's scores: some queries pass, some not
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_the_checkpoint_alone_gives_its_config(predict_setup, predictor):
 def test_a_prediction_is_the_union_of_its_selected_queries(predict_setup, predictor):
   result = predictor.predict(predict_setup["jpeg"], "The red circle!")
   assert result.mask.shape == (37, 61) and result.mask.dtype == bool
-  assert result.scores.shape == (10,) and result.score_threshold == TAU
+  assert result.scores.shape == (fixture_values.NUM_QUERIES,) and result.score_threshold == TAU
   passing = np.flatnonzero(result.scores > TAU)
   assert sorted(result.selected.tolist()) == passing.tolist()
   assert list(result.scores[result.selected]) == sorted(result.scores[passing], reverse=True)

