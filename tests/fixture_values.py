@@ -48,5 +48,20 @@ def write_config_file(path: pathlib.Path) -> str:
   return str(path)
 
 
+def assert_taps_match(taps, outputs, keys, is_nchw) -> None:
+  """Every fixture tensor `keys` equals our tap (atol = rtol = 1e-4); `is_nchw(key)` says which
+  of ours are NHWC maps to compare in the fixture's NCHW layout. Prints the errors."""
+  errors = {}
+  for key in keys:
+    got = np.asarray(taps[key])
+    if is_nchw(key):
+      got = np.transpose(got, (0, 3, 1, 2))  # NHWC -> NCHW
+    want = outputs[key]
+    assert got.shape == want.shape, key
+    errors[key] = float(np.abs(got - want).max())
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=key)
+  print("max abs error:", errors)
+
+
 NUM_QUERIES = int(model_config().num_queries) if TINY.is_dir() else 0
 TAU = tau() if TINY.is_dir() else 0.5

@@ -1,15 +1,11 @@
 """deris_jax.cli: one command-line convention for every entry point, and quiet output."""
-import argparse
 import importlib
 import logging
 import pathlib
 import warnings
 
-import ml_collections
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 import bench
 import convert
@@ -48,35 +44,6 @@ def test_split_overrides_takes_both_forms():
 def test_malformed_command_lines_say_what_to_write(argv, message):
   with pytest.raises(cli.UsageError, match=message):
     cli.split_overrides(argv)
-
-
-def _train_config(*args) -> ml_collections.ConfigDict:
-  """The config as train.py's absl config_flags parses these arguments."""
-  argv = ["train.py", *args]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
-  values(argv)
-  return values.config
-
-
-def _argparse_config(*args) -> ml_collections.ConfigDict:
-  """The same arguments through deris_jax.cli, as eval/predict/convert/bench parse them."""
-  parser = argparse.ArgumentParser()
-  cli.add_arguments(parser)
-  parsed, overrides = cli.parse(parser, list(args))
-  return cli.load(parsed.config, overrides)
-
-
-@pytest.mark.parametrize("args", [
-    ("--config.model.dtype=bfloat16", "--config.eval.batch_size=4"),
-    ("--config.model.image_size=(64,64)", "--config.train.max_steps=3"),
-    ("--config.data.eval_splits=('val',)", "--config.model.reference_compat=False"),
-])
-def test_train_and_the_other_commands_read_a_command_line_alike(args):
-  ours = _argparse_config("--config", MICRO, *args)
-  theirs = _train_config(f"--config={MICRO}", *args)
-  assert ours.to_dict() == theirs.to_dict()
-  assert ours.data.image_size == ours.model.image_size  # linked in both
 
 
 def test_load_takes_the_checkpoints_config_when_none_is_given(tmp_path):

@@ -6,6 +6,7 @@ family file existed (a digest of the whole section tree and the fields that tell
 Values two sections share (`deris_jax.config_check.SHARED_FIELDS`) are one FieldReference:
 an override of either moves both, and `check_config` stops configs where they differ.
 """
+import argparse
 import ast
 import hashlib
 import json
@@ -20,7 +21,7 @@ from ml_collections import config_flags
 
 from configs import deris
 from configs import deris_b_refcoco
-from deris_jax import config_check
+from deris_jax import cli, config_check
 from deris_jax.config_loader import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -217,3 +218,24 @@ def test_package_reads_configs_by_path_only():
         continue
       assert not any(m == "configs" or m.startswith("configs.") for m in modules), path
   assert "sys.path" not in (ROOT / "deris_jax" / "config_loader.py").read_text()
+
+
+def _argparse_config(*args) -> ml_collections.ConfigDict:
+  """The same arguments through deris_jax.cli, as eval/predict/convert/bench parse them."""
+  parser = argparse.ArgumentParser()
+  cli.add_arguments(parser)
+  parsed, overrides = cli.parse(parser, list(args))
+  return cli.load(parsed.config, overrides)
+
+
+@pytest.mark.parametrize("args", [
+    ("--config.model.dtype=bfloat16", "--config.eval.batch_size=4"),
+    ("--config.model.image_size=(64,64)", "--config.train.max_steps=3"),
+    ("--config.data.eval_splits=('val',)", "--config.model.reference_compat=False"),
+])
+def test_train_and_the_other_commands_read_a_command_line_alike(args):
+  micro = str(ROOT / "configs" / "deris_micro.py")
+  ours = _argparse_config("--config", micro, *args)
+  theirs = _config_flag(f"--config={micro}", *args)
+  assert ours.to_dict() == theirs.to_dict()
+  assert ours.data.image_size == ours.model.image_size  # linked in both

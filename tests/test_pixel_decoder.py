@@ -11,6 +11,7 @@ from flax import nnx
 
 from deris_jax.convert.torch_to_nnx import load_into
 from deris_jax.models import deform_attn, pixel_decoder, position
+from tests import fixture_values
 
 PREFIX = "perception_branch.pixel_decoder."
 TAP = "perception.pixel_decoder."
@@ -64,16 +65,8 @@ def test_every_pixel_decoder_tap_matches_fixture(outputs, tiny_outputs):
   mask_features, multi_scale, taps = outputs
   keys = sorted(k for k in tiny_outputs if k.startswith(TAP) and not k.endswith(STATIC_KEYS))
   assert keys and set(keys) <= set(taps)  # every pixel-decoder tap the fixture holds
-  errors = {}
-  for key in keys:
-    got = np.asarray(taps[key])
-    if key[len(TAP):].startswith(MAP_KEYS):
-      got = np.transpose(got, (0, 3, 1, 2))
-    want = tiny_outputs[key]
-    assert got.shape == want.shape, key
-    errors[key] = float(np.abs(got - want).max())
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=key)
-  print("max abs error:", errors)
+  fixture_values.assert_taps_match(taps, tiny_outputs, keys,
+                                   lambda key: key[len(TAP):].startswith(MAP_KEYS))
   np.testing.assert_array_equal(np.asarray(mask_features), np.asarray(taps[TAP + "mask_features"]))
   for i, m in enumerate(multi_scale):
     np.testing.assert_array_equal(np.asarray(m), np.asarray(taps[f"{TAP}multi_scale_features.{i}"]))

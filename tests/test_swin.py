@@ -10,6 +10,7 @@ from flax import nnx
 
 from deris_jax.convert.torch_to_nnx import load_into
 from deris_jax.models import swin
+from tests import fixture_values
 
 PREFIX = "perception_branch.hier_vision_encoder."
 NCHW_KEYS = ("perception.backbone.patch_embed", "perception.backbone.res")
@@ -91,16 +92,8 @@ def test_every_backbone_tap_matches_fixture(eval_run, tiny_outputs):
   outs, taps = eval_run
   keys = sorted(k for k in tiny_outputs if k.startswith("perception.backbone."))
   assert keys and set(keys) <= set(taps)  # every backbone tap the fixture holds
-  errors = {}
-  for key in keys:
-    got = np.asarray(taps[key])
-    if key.startswith(NCHW_KEYS):
-      got = np.transpose(got, (0, 3, 1, 2))
-    want = tiny_outputs[key]
-    assert got.shape == want.shape, key
-    errors[key] = float(np.abs(got - want).max())
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=key)
-  print("max abs error:", errors)
+  fixture_values.assert_taps_match(taps, tiny_outputs, keys,
+                                   lambda key: key.startswith(NCHW_KEYS))
   for i, out in enumerate(outs):
     np.testing.assert_array_equal(np.asarray(out),
                                   np.asarray(taps[f"perception.backbone.res{i + 2}"]))
