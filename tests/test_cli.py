@@ -70,10 +70,18 @@ def test_every_command_refuses_the_old_override_flag(main, argv, capsys):
   assert "--override is gone" in capsys.readouterr().err
 
 
-def test_prepare_takes_no_config_overrides(capsys):
+def test_prepare_takes_the_dataset_a_config_reads(tmp_path, capsys):
+  data_dir = tmp_path / "tfds"
+  assert prepare.main(["--config", MICRO, f"--config.data.data_dir={data_dir}"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert any(line.startswith("train: 72 examples, 24 images") for line in out), out  # tiny set
+  assert (data_dir / "deris_synthetic" / "tiny").is_dir()
+
+
+def test_prepare_needs_a_dataset_or_a_config(capsys):
   with pytest.raises(SystemExit):
-    prepare.main(["--dataset", "synthetic", "--config.model.dtype=bfloat16"])
-  assert "this command takes no config" in capsys.readouterr().err
+    prepare.main([])
+  assert "give --dataset (or --config" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("main, argv", [

@@ -10,6 +10,8 @@ evaluation split.
       --manual_dir /data/seqtr_type --data_dir ~/tensorflow_datasets
   python -m deris_jax.data.prepare --dataset grefcoco --format refer --manual_dir /data/refer \\
       --data_dir ~/tensorflow_datasets [--skip_invalid]
+  python -m deris_jax.data.prepare --config configs/deris_b_grefcoco.py --manual_dir /data/deris
+      # the dataset, format and data_dir the config reads (--config.data.x=VALUE overrides)
 """
 import argparse
 import os
@@ -41,7 +43,7 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None = None
   name, configs, default = DATASETS[dataset]
   config = config or default
   if config not in configs:
-    raise ValueError(f"--format/--config {config!r} is not valid for {dataset}; use one of "
+    raise ValueError(f"--format {config!r} is not valid for {dataset}; use one of "
                      f"{configs}")
   builder_cls = registry.builder_class(name)
   if builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS and not manual_dir:
@@ -77,25 +79,39 @@ def summary_lines(dataset: str, *, data_dir: str | None, config: str | None = No
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-  parser.add_argument("--format", dest="config", default=None,
+  parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                      help="the dataset (default: the one --config reads)")
+  parser.add_argument("--format", default=None,
                       help="deris|refer for the COCO sets (default deris); shapes64|tiny for "
-                      "the synthetic set (default shapes64)")
+                      "the synthetic set (default shapes64; with --config: its "
+                      "data.builder_config)")
   parser.add_argument("--manual_dir", default=None, help="folder with the downloaded files")
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default "
-                      "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: --config's "
+                      "data.data_dir, else $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--skip_invalid", action="store_true",
                       help="skip unreadable images, bad masks, ids or empty expressions instead "
                       "of stopping; the counts and reasons are printed")
-  cli.add_arguments(parser, config=None)  # --verbosity (the dataset is not a config)
-  args, _ = cli.parse(parser, argv)
+  cli.add_arguments(parser, config="optional")  # the dataset a config reads, and --verbosity
+  args, overrides = cli.parse(parser, argv)
   try:
-    prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-            config=args.config, skip_invalid=args.skip_invalid)
+    dataset, data_format, data_dir = args.dataset, args.format, args.data_dir
+    if args.config is not None:
+      data = cli.load(args.config, overrides).data
+      by_builder = {name: key for key, (name, _, _) in DATASETS.items()}
+      if data.name not in by_builder:
+        raise ValueError(f"{args.config}: data.name {data.name!r} is not a dataset prepare "
+                         f"knows ({sorted(by_builder)})")
+      dataset = dataset or by_builder[data.name]
+      data_format = data_format or data.builder_config
+      data_dir = data_dir or data.get("data_dir")
+    if dataset is None:
+      parser.error("give --dataset (or --config, whose data section names it)")
+    prepare(dataset, data_dir=data_dir, manual_dir=args.manual_dir, config=data_format,
+            skip_invalid=args.skip_invalid)
   except (E.DataError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  for line in summary_lines(args.dataset, data_dir=args.data_dir, config=args.config):
+  for line in summary_lines(dataset, data_dir=data_dir, config=data_format):
     print(line)
   return 0
 
