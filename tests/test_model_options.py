@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deris_jax.models import layers
 from deris_jax.parity import check
 
 
@@ -59,3 +60,21 @@ def test_scanned_layers_train_with_drop_path_and_remat(tiny_dir):
   v1, g1 = _beit3_loss_and_grads(fixture, inputs, train=True, scan_layers=True, remat=True)
   assert np.isfinite(v0) and v0 != v_eval
   _assert_same_loss_and_grads((v1, g1), (v0, g0))
+
+
+def test_scanned_layers_train_in_bfloat16(tiny_dir):
+  """bf16 compute with scanned layers in training: the per-layer drop-path rate is a traced
+  float32 scalar and must not promote the bf16 stream (lax.scan needs one carry dtype)."""
+  fixture = check.load_fixture(tiny_dir)
+  inputs = check.model_inputs(fixture.inputs)
+  value, grads = _beit3_loss_and_grads(fixture, inputs, train=True, scan_layers=True,
+                                       dtype="bfloat16")
+  assert np.isfinite(value)
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+def test_drop_path_keeps_the_dtype_with_a_traced_rate():
+  x = jnp.ones((4, 3), jnp.bfloat16)
+  out = jax.jit(lambda x, rate: layers.drop_path(x, rate, train=True,
+                                                 rngs=nnx.Rngs(dropout=0)))(x, jnp.float32(0.5))
+  assert out.dtype == jnp.bfloat16 and set(np.unique(np.asarray(out, np.float32))) <= {0.0, 2.0}

@@ -114,7 +114,10 @@ def drop_path(x: jax.Array, rate, *, train: bool, rngs: Optional[nnx.Rngs]) -> j
     raise ValueError("drop path in training needs `rngs` with a 'dropout' stream")
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
   keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  keep_prob = 1.0 - rate
+  if not isinstance(keep_prob, (int, float)):  # a traced float32 rate: keep x's dtype (bf16)
+    keep_prob = jnp.asarray(keep_prob, x.dtype)
+  return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
