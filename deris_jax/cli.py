@@ -130,7 +130,7 @@ def set_verbosity(level: int) -> None:
   warnings.resetwarnings()
   if _verbosity <= 0:
     warnings.filterwarnings("ignore")  # the libraries' deprecations and notices
-    warnings.filterwarnings("default", module=r"deris_jax(\.|$)")  # but never ours
+    warnings.filterwarnings("default", module=r"(deris_jax|configs)(\.|$)|__main__$")  # ours
 
 
 def verbose() -> bool:

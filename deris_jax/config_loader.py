@@ -20,6 +20,9 @@ from deris_jax import config_check
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
 class OverrideError(ValueError):
   """A `--config.a.b=VALUE` that names no field or gives a value of the wrong type."""
 
@@ -64,6 +67,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   except (ValueError, SyntaxError):
     value = raw
   old = node[parts[-1]]
+  if isinstance(old, bool) and raw.strip().lower() in _BOOLS:  # absl's spellings, as train.py
+    value = _BOOLS[raw.strip().lower()]
+  if isinstance(old, str) and not isinstance(value, str):  # '123' for a string field
+    value = raw
   if isinstance(old, bool) and not isinstance(value, bool):
     raise OverrideError(f"override '{item}': '{key}' is a bool")
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):

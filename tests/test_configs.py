@@ -232,6 +232,8 @@ def _argparse_config(*args) -> ml_collections.ConfigDict:
     ("--config.model.dtype=bfloat16", "--config.eval.batch_size=4"),
     ("--config.model.image_size=(64,64)", "--config.train.max_steps=3"),
     ("--config.data.eval_splits=('val',)", "--config.model.reference_compat=False"),
+    ("--config.model.reference_compat=true", "--config.model.remat=0"),  # absl bool spellings
+    ("--config.model.dtype=123",),  # a string field keeps the text
 ])
 def test_train_and_the_other_commands_read_a_command_line_alike(args):
   micro = str(ROOT / "configs" / "deris_micro.py")
