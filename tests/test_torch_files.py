@@ -2,7 +2,8 @@
 
 The other `.pth` files of the suite come from our own writer (tests/torch_format.py); these
 were written by torch.save (the version in torch_version.txt): a DeRIS-like checkpoint in the
-zip and the legacy format, and a state dict alone in a zip written without CRC-32s. They hold a
+zip and the legacy format, a state dict alone in a zip written without CRC-32s, and one saved
+under torch.serialization.skip_data() (no tensor data), which must be refused. They hold a
 real module's state dict (DDP `module.` prefix, `_metadata`, a channels-last conv weight, tied
 weights, BatchNorm buffers), tensors of eleven dtypes, views that share a storage (offsets,
 strides, a transpose, stride 0), an nn.Parameter, a tensor with a Python attribute, an
@@ -11,6 +12,7 @@ held, `layouts.json` how torch laid each tensor out in its storage.
 """
 import json
 import pathlib
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -21,11 +23,9 @@ from deris_jax.convert.unpickler import TensorRef
 
 FILES = pathlib.Path(__file__).resolve().parent / "data" / "torch_files"
 CHECKPOINTS = ["zip.pth", "legacy.pth"]  # the whole checkpoint
-# no_crc32.pth: the state dict alone, at the top level.
-ALL = CHECKPOINTS + [pytest.param("no_crc32.pth", marks=pytest.mark.xfail(
-    strict=True, reason="the zip reader demands the CRC-32s that torch may leave out"))]
+ALL = CHECKPOINTS + ["no_crc32.pth"]  # no_crc32.pth: the state dict alone, at the top level
 FORMATS = {"zip.pth": readers.TORCH_ZIP, "legacy.pth": readers.TORCH_LEGACY,
-           "no_crc32.pth": readers.TORCH_ZIP}
+           "no_crc32.pth": readers.TORCH_ZIP, "skip_data.pth": readers.TORCH_ZIP}
 # torch's dtype -> what read_checkpoint returns (bfloat16 widened exactly to float32).
 OUTPUT_DTYPES = {
     "torch.float64": np.float64, "torch.float32": np.float32, "torch.float16": np.float16,
@@ -189,6 +189,20 @@ def test_the_rest_of_the_checkpoint_unpickles_as_torch_saved_it(name, layouts, e
         np.testing.assert_array_equal(got[key], want, err_msg=key)
   finally:
     source.close()
+
+
+def test_a_file_without_crc32s_is_read_and_one_record_without_is_refused():
+  """torch's compute_crc32=False leaves every CRC-32 field 0; torch.load reads such files. A
+  single record with a 0 field among records with CRC-32s is damage, or torch's skip_data()
+  (storage records without the tensor data, which torch.load reads as zeros)."""
+  with zipfile.ZipFile(FILES / "no_crc32.pth") as archive:
+    assert not any(info.CRC for info in archive.infolist())
+  assert readers.read_checkpoint(FILES / "no_crc32.pth")
+  path = FILES / "skip_data.pth"
+  assert readers.read_checkpoint_shapes(path) == {"weight": ((2, 3), np.float32)}
+  with pytest.raises(readers.CheckpointError, match=r"skip_data\.pth.*CRC-32 field is 0.*"
+                     r"skip_data\(\), without the tensor data"):
+    readers.read_checkpoint(path)
 
 
 def test_the_optimizer_is_no_state_dict():

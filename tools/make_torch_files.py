@@ -19,7 +19,10 @@ A DeRIS-like checkpoint, saved in two formats, and its state dict alone in a thi
                  UntypedStorage, which its own legacy loader cannot read back;
   `no_crc32.pth` the state dict alone (`torch.save(model.state_dict())`), zip, written with
                  torch.utils.serialization.config.save.compute_crc32 = False (every record's
-                 CRC-32 field left 0; torch.load reads such files).
+                 CRC-32 field left 0; torch.load reads such files);
+  `skip_data.pth` a state dict saved under torch.serialization.skip_data(): the storage
+                 records are there, but hold no tensor data (and a CRC-32 field of 0 among
+                 records that have one); torch.load reads it as zeros, the readers refuse it.
 The checkpoint is `{"meta": {...}, "state_dict": OrderedDict, "optimizer": {...}, "epoch",
 "iter"}` as training loops save it:
   * state_dict: a real nn.Module's `state_dict()` (an OrderedDict carrying `_metadata`) of a
@@ -200,6 +203,8 @@ def main() -> None:
     torch.save(ckpt["state_dict"], OUT / "no_crc32.pth")
   finally:
     config.compute_crc32 = True
+  with torch.serialization.skip_data():
+    torch.save({"weight": torch.ones(2, 3)}, OUT / "skip_data.pth")
   for name in ("zip.pth", "legacy.pth", "no_crc32.pth"):  # torch reads back what it wrote
     again = torch.load(OUT / name, weights_only=False)
     if name == "no_crc32.pth":
