@@ -8,6 +8,11 @@ from the repository root:
   python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 numpy
   /tmp/torchenv/bin/python tools/make_torch_files.py
 
+(any build of torch 2.13 will do; only the CPU is used). A rerun writes the zip files, the npz
+and the json byte for byte again; legacy.pth differs in its storage keys only (the legacy
+writer names storages by their memory address), so leave the committed one unless the
+contents change.
+
 The suite's other `.pth` files come from our own writer (tests/torch_format.py), so reader and
 writer would share any misreading of the format; these come from torch.save itself
 (tests/test_torch_files.py reads them without torch).
