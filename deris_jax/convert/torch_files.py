@@ -69,16 +69,19 @@ class TorchZipSource(Source):
   def __init__(self, path: str, inert_globals: Sequence[str], keep_array_data: bool):
     self._path = path
     self._zip = zipfile.ZipFile(path)
-    self._file = open(path, "rb")  # storage records are read from here, uncompressed
+    self._file = open(path, "rb")  # stored (uncompressed) records are read from here
     self._records = {info.filename: info for info in self._zip.infolist()}
+    # torch.save with torch.utils.serialization.config.save.compute_crc32 = False leaves every
+    # record's CRC-32 field 0, and torch.load reads such files: then there is none to check.
+    self._has_crc32 = any(info.CRC for info in self._records.values())
     self._prefix = self._archive_prefix()
     byteorder = self._records.get(self._prefix + "byteorder")
-    order = self._zip.read(byteorder).decode() if byteorder else "little"
+    order = self._read_record(byteorder).tobytes().decode() if byteorder else "little"
     if order not in ("little", "big"):
       raise CheckpointError(f"{path}: unknown byte order record {order!r}")
     self.native = order == sys.byteorder
     self._storages = StorageTable(path)
-    data = self._zip.read(self._prefix + "data.pkl")
+    data = self._read_record(self._records[self._prefix + "data.pkl"])
     self.tree = RestrictedUnpickler(
         io.BytesIO(data), path=path, inert_globals=inert_globals,
         keep_array_data=keep_array_data, persistent_load=self._persistent_load).load()
@@ -124,7 +127,10 @@ class TorchZipSource(Source):
                             f"{info.file_size} bytes, the pickle declares {ref.nbytes}")
 
   def read(self, key: str) -> np.ndarray:
-    info = self._record(key)
+    return self._read_record(self._record(key))
+
+  def _read_record(self, info: zipfile.ZipInfo) -> np.ndarray:
+    """A record's bytes as a fresh uint8 array, its CRC-32 checked if the archive has them."""
     buffer = np.empty(info.file_size, np.uint8)
     if info.compress_type == zipfile.ZIP_STORED:
       # torch writes records uncompressed: one read from the file straight into the buffer.
@@ -137,10 +143,13 @@ class TorchZipSource(Source):
       f.seek(info.header_offset + 30 + name_len + extra_len)
       if f.readinto(memoryview(buffer)) != info.file_size:
         raise zipfile.BadZipFile(f"record '{info.filename}' is truncated")
-      if zlib.crc32(buffer) != info.CRC:
-        raise zipfile.BadZipFile(f"bad CRC-32 for record '{info.filename}'")
-    else:
-      with self._zip.open(info) as stream:  # checks the CRC when it reaches the end
+      if self._has_crc32 and zlib.crc32(buffer) != info.CRC:
+        hint = "" if info.CRC else (
+            "; its CRC-32 field is 0 while other records have one, as torch.save writes "
+            "storages under torch.serialization.skip_data(), without the tensor data")
+        raise zipfile.BadZipFile(f"bad CRC-32 for record '{info.filename}'{hint}")
+    else:  # not torch's doing; zipfile checks the CRC-32 when it reaches the end
+      with self._zip.open(info) as stream:
         view, done = memoryview(buffer), 0
         while done < info.file_size:
           chunk = stream.read(min(_COPY_CHUNK, info.file_size - done))
