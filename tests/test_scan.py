@@ -5,13 +5,21 @@ stage (nothing to scan), so the Swin checks use a small random-weight Swin of de
 (2, 2, 6, 2) (stage 3: three pairs). The pixel decoder and the whole model use the fixture's
 converted weights.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from deris_jax.models import swin
+from deris_jax import forward, losses
+from deris_jax.convert.torch_to_nnx import load_into
+from deris_jax.models import pixel_decoder, swin
+from deris_jax.parity import check, fixture_losses
+from deris_jax.train import step
+from tests import fixture_values
+from tests import test_pixel_decoder as pd_tests
 
 SWIN = dict(embed_dim=16, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), window_size=7)
 
@@ -93,3 +101,84 @@ def test_swin_pairs_scan_applies_stochastic_depth(swin_images):
   assert np.abs(a - a[:1]).max() > 1e-3  # per-sample draws in training
   assert np.abs(a - b).max() > 1e-3  # per-key draws
   assert np.abs(a - e).max() > 1e-3
+
+
+# --- pixel decoder: the fixture's weights and backbone maps ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixture_cfg(tiny_dir):
+  return json.loads((tiny_dir / "config.json").read_text())
+
+
+def _pixel_decoder_run(cfg, state_dict, features, scan: bool):
+  """(loss, outputs, taps, grads) of the fixture's pixel decoder; loss = mean squares."""
+  model = nnx.eval_shape(lambda: pixel_decoder.MSDeformAttnPixelDecoder(
+      **pd_tests.decoder_kwargs(cfg), scan=scan, rngs=nnx.Rngs(0)))
+  sub = {k[len(pd_tests.PREFIX):]: v for k, v in state_dict.items()
+         if k.startswith(pd_tests.PREFIX)}
+  load_into(model, sub, source="deris_tiny/state_dict.safetensors")
+  graphdef, params = nnx.split(model)
+
+  def loss(params, features):
+    taps = {}
+    mask_features, maps = nnx.merge(graphdef, params)(features, taps=taps)
+    value = jnp.mean(mask_features ** 2) + sum(jnp.mean(m ** 2) for m in maps)
+    return value, ((mask_features, maps), taps)
+
+  (value, (outs, taps)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params,
+                                                                                  features)
+  return value, outs, taps, grads
+
+
+def test_pixel_decoder_scan_gives_the_loop_numbers(fixture_cfg, tiny_state_dict, tiny_outputs):
+  """The scanned encoder layers: outputs, every tap (the per-layer ones leave the scan
+  stacked), loss and gradients equal the loop's, and the taps still match the fixture."""
+  assert fixture_cfg["pixel_decoder"]["encoder_layers"] > 1  # else the loop runs anyway
+  features = [np.transpose(tiny_outputs[f"perception.backbone.res{i}"], (0, 2, 3, 1))
+              for i in range(2, 6)]
+  v0, o0, t0, g0 = _pixel_decoder_run(fixture_cfg, tiny_state_dict, features, scan=False)
+  v1, o1, t1, g1 = _pixel_decoder_run(fixture_cfg, tiny_state_dict, features, scan=True)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  _assert_trees_close(o1, o0)
+  assert sorted(t1) == sorted(t0) and any(".encoder.layer1.msda." in k for k in t1)
+  _assert_trees_close(t1, t0)
+  _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
+  keys = sorted(k for k in tiny_outputs if k.startswith(pd_tests.TAP)
+                and not k.endswith(pd_tests.STATIC_KEYS))
+  fixture_values.assert_taps_match(t1, tiny_outputs, keys,
+                                   lambda key: key[len(pd_tests.TAP):].startswith(pd_tests.MAP_KEYS))
+
+
+# --- the whole tiny model: outputs, the training loss and its gradients ---------------------
+
+
+def _model_loss_and_grads(fixture, scan: bool):
+  config = fixture.model_config.copy_and_resolve_references()
+  config.scan_layers = scan
+  model = check.build_converted_model(fixture, config)
+  graphdef, params = nnx.split(model)
+  batch = check.model_inputs(fixture.inputs)
+  targets = fixture_losses.official_loss_pass(fixture.inputs, fixture.outputs).targets
+  loss_config = losses.default_loss_config()
+  loss_config.num_points = 1024  # a cheaper loss; the same for both layouts
+
+  def loss(params):
+    out = forward.apply(graphdef, params, batch)
+    value, _ = losses.deris_loss(step.model_loss_inputs(out), targets, jax.random.key(0),
+                                 config=loss_config)
+    return value, out
+
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return value, out, grads
+
+
+def test_scanned_model_gives_the_loop_numbers(tiny_dir):
+  """scan_layers on the fixture's model (BEiT-3 and pixel-decoder stacks scanned; its Swin
+  stages have one pair each and loop): outputs, loss and gradients equal the loop's."""
+  fixture = check.load_fixture(tiny_dir)
+  v0, o0, g0 = _model_loss_and_grads(fixture, scan=False)
+  v1, o1, g1 = _model_loss_and_grads(fixture, scan=True)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  _assert_trees_close(o1, o0)
+  _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)

@@ -112,8 +112,8 @@ class DeRIS(nnx.Module):
     self.pixel_decoder = MSDeformAttnPixelDecoder(
         in_channels=tuple(sw.embed_dim * 2 ** i for i in range(len(sw.depths))),
         conv_dim=c, mask_dim=c, num_heads=pd.num_heads, num_points=pd.num_points,
-        num_layers=pd.num_layers, ffn_dim=pd.ffn_dim, num_groups=pd.num_groups, dtype=dtype,
-        rngs=rngs)
+        num_layers=pd.num_layers, ffn_dim=pd.ffn_dim, num_groups=pd.num_groups, scan=scan,
+        dtype=dtype, rngs=rngs)
     bc = config.beit3
     self.beit3 = BEiT3(
         embed_dim=bc.embed_dim, num_layers=bc.num_layers, num_heads=bc.num_heads,
