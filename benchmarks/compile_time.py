@@ -1,12 +1,17 @@
-"""Compile time of the training gradient, repeated stacks looped vs scanned (BENCHMARKS.md).
+"""Compile time of the training programs, repeated stacks looped vs scanned (BENCHMARKS.md).
 
-  python -m benchmarks.compile_time [--variants b,l] [--layouts loop,scan] [--repeats 1]
+  python -m benchmarks.compile_time [--program grad|step] [--variants b,l]
+      [--layouts loop,scan] [--repeats 1] [--batch 2]
 
 For each released variant (configs/deris.py:variant=V,data=refcoco) and layout, a fresh
-subprocess lowers and compiles `jax.grad` of the training loss (forward with train=True, the
-official loss, gradients of the trainable parameters; the frozen Swin gets none, as in
-training) on abstract parameters and batch (`jax.ShapeDtypeStruct`s: nothing is allocated),
-and prints one line: lowering seconds, compile seconds, optimised HLO instructions. Layouts:
+subprocess lowers and compiles, on abstract parameters and batch (`jax.ShapeDtypeStruct`s:
+nothing is allocated), one program and prints one line: lowering seconds, compile seconds,
+optimised HLO instructions. Programs:
+  grad  `jax.grad` of the training loss (forward with train=True, the official loss,
+        gradients of the trainable parameters; the frozen Swin gets none, as in training);
+  step  the jitted train step of train.py (the gradient, clipping, Adam, the new state), one
+        device, as `train.py --dry_run` compiles it.
+Layouts:
   loop        every stack a Python loop (model.scan_layers=False);
   beit3       only the BEiT-3 layers scanned (what scan_layers scanned before);
   beit3+swin  the BEiT-3 layers and the Swin block pairs scanned;
@@ -24,16 +29,22 @@ import time
 LAYOUTS = ("loop", "beit3", "beit3+swin", "scan")
 
 
-def measure(variant: str, layout: str, batch: int) -> dict:
+def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   os.environ["DERIS_JAX_CACHE"] = "off"
+  import dataclasses
+
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from configs import deris as deris_config
+  from deris_jax import batch as batch_lib
   from deris_jax import forward, losses
+  from deris_jax import sharding as S
   from deris_jax.models.deris import abstract_model
+  from deris_jax.train import dry_run
   from deris_jax.train import params as params_lib
+  from deris_jax.train import state as state_lib
   from deris_jax.train import step as step_lib
 
   config = deris_config.get_config(f"variant={variant},data=refcoco")
@@ -43,7 +54,26 @@ def measure(variant: str, layout: str, batch: int) -> dict:
     for stage in model.swin.layers:
       stage.scan = layout == "beit3+swin"
     model.pixel_decoder.scan = False
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(model)  # the parameters are the same in every layout
+
+  if program == "step":
+    config.data.batch_size = batch
+    config.data.official_world_size = 1  # the loss's, linked: any batch
+    mesh = S.make_mesh(config.mesh, jax.devices()[:1])
+    trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1)
+    trainer = dataclasses.replace(trainer, graphdef=graphdef)
+    args = (dry_run.abstract_state(trainer),
+            batch_lib.abstract(config.data, batch, S.batch_sharding(mesh)))
+    t0 = time.perf_counter()
+    lowered = step_lib.jit_train_step(trainer).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return dict(program=program, variant=variant, layout=layout, batch=batch,
+                lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+                hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
+                platform=jax.devices()[0].platform)
+
   trainable, frozen = params_lib.split_frozen(nnx.to_pure_dict(params), config.optimizer.frozen)
   loss_config = config.loss.copy_and_resolve_references()
   loss_config.official_world_size = 1  # any batch
@@ -71,13 +101,14 @@ def measure(variant: str, layout: str, batch: int) -> dict:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return dict(variant=variant, layout=layout, batch=batch, lower_s=round(t1 - t0, 1),
+  return dict(program=program, variant=variant, layout=layout, batch=batch, lower_s=round(t1 - t0, 1),
               compile_s=round(t2 - t1, 1), hlo_instructions=compiled.as_text().count(" = "),
               jax=jax.__version__, platform=jax.devices()[0].platform)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--program", choices=("grad", "step"), default="grad")
   parser.add_argument("--variants", default="b,l")
   parser.add_argument("--layouts", default=",".join(LAYOUTS))
   parser.add_argument("--repeats", type=int, default=1)
@@ -87,7 +118,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.one:
     variant, layout = args.one.split(":")
-    print(json.dumps(measure(variant, layout, args.batch)), flush=True)
+    print(json.dumps(measure(args.program, variant, layout, args.batch)), flush=True)
     return 0
   layouts = args.layouts.split(",")
   unknown = set(layouts) - set(LAYOUTS)
@@ -99,14 +130,15 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
       for layout in layouts:
         done = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--one",
-                               f"{variant}:{layout}", "--batch", str(args.batch)],
+                               f"{variant}:{layout}", "--batch", str(args.batch),
+                               "--program", args.program],
                               capture_output=True, text=True, cwd=root)
         if done.returncode:
           print(done.stderr[-3000:], file=sys.stderr)
           return done.returncode
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"DeRIS-{variant.upper()} {layout:<10} lower {row['lower_s']:5.1f} s  compile "
+        print(f"{args.program} DeRIS-{variant.upper()} {layout:<10} lower {row['lower_s']:5.1f} s  compile "
               f"{row['compile_s']:6.1f} s  HLO instructions {row['hlo_instructions']:7d}",
               flush=True)
   if args.json:
