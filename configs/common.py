@@ -60,7 +60,12 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
       cognition_image_size=(224, 224),  # §3 BEiT-3 input
       max_tokens=max_tokens,  # §3: 20 RefCOCO, 50 gRefCOCO
       remat=False,  # recompute BEiT-3 layers in the backward pass (large batches / DeRIS-L)
-      scan_layers=False,  # BEiT-3 layers as one lax.scan (same numbers, faster compile)
+      # Repeated stacks as one lax.scan each (deris_jax/models/scan.py): the BEiT-3 layers, the
+      # Swin stages of 2+ (regular, shifted) block pairs and the pixel decoder's deformable
+      # encoder layers. Same numbers as the loops (tests/test_scan.py; the parity command
+      # passes with --config.model.scan_layers=true), parameters stored per layer as before;
+      # faster compile.
+      scan_layers=False,
       existence_veto=False,  # corrected model only: the existence head may veto (docs/design.md)
       existence_threshold=0.5,
       swin=dict(patch_size=4, mlp_ratio=4.0, drop_path_rate=0.3, **SWIN[swin]),  # §2

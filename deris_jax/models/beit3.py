@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from deris_jax.models import initializers, layers
+from deris_jax.models import scan as scan_lib
 
 POSITION_OFFSET = 2  # fairseq: position ids start at 2 for both modalities
 
@@ -174,8 +175,8 @@ class BEiT3(nnx.Module):
     layers.tap(taps, "cognition.beit3.encoder.padding_mask", key_padding.astype(jnp.int32))
     x = x * (1 - key_padding[..., None].astype(x.dtype))
     layers.tap(taps, "cognition.beit3.encoder.layer_input", x)
-    if self.scan_layers and taps is None and len(self.encoder.layers) > 1:
-      x = self._scan_layers(x, key_padding, split, train=train, rngs=rngs)
+    if self.scan_layers and len(self.encoder.layers) > 1:
+      x = self._scan_layers(x, key_padding, split, train=train, rngs=rngs, taps=taps)
     else:
       run = lambda layer, x, rngs: layer(x, key_padding, split, train=train, rngs=rngs)
       if self.remat:
@@ -187,29 +188,24 @@ class BEiT3(nnx.Module):
     layers.tap(taps, "cognition.beit3.encoder_out", x)
     return x
 
-  def _scan_layers(self, x, key_padding, split, *, train, rngs):
+  def _scan_layers(self, x, key_padding, split, *, train, rngs, taps):
     """The layer stack as one `lax.scan` over the layers' stacked parameters (same numbers
     as the loop; the program holds one layer body, so it compiles in a fraction of the time).
 
     Drop path draws one key per layer from `rngs` (other draws than the loop's, same law).
+    With `taps`, every layer's output leaves the scan stacked and is recorded per layer.
     """
-    stack = self.encoder.layers
-    graphdef, _ = nnx.split(stack[0])
-    params = [nnx.to_pure_dict(nnx.state(layer)) for layer in stack]
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)  # (num_layers, ...)
+    stack = list(self.encoder.layers)
     rates = jnp.asarray([layer.drop_path_rate for layer in stack], jnp.float32)  # (num_layers,)
     use_rng = train and rngs is not None and any(layer.drop_path_rate > 0 for layer in stack)
-    keys = (jax.random.split(rngs.dropout(), len(stack)) if use_rng
-            else jnp.zeros((len(stack),), jnp.uint32))
+    keys = scan_lib.step_keys(rngs, (len(stack),), use_rng)
 
-    def body(x, per_layer):
-      layer_params, rate, key = per_layer
-      layer = nnx.merge(graphdef, nnx.State(layer_params))
+    def body(x, modules, per_layer):
+      rate, key = per_layer
       layer_rngs = nnx.Rngs(dropout=key) if use_rng else None
-      return layer(x, key_padding, split, train=use_rng, rngs=layer_rngs,
-                   drop_path_rate=rate), None
+      x = modules[0](x, key_padding, split, train=use_rng, rngs=layer_rngs, drop_path_rate=rate)
+      return x, (None if taps is None else {"out": x})
 
-    if self.remat:
-      body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, (stacked, rates, keys))
+    x, stacked = scan_lib.scan_modules([stack], body, x, (rates, keys), remat=self.remat)
+    scan_lib.unstack_taps(taps, stacked, lambda i, key: f"cognition.beit3.encoder.layer{i}.{key}")
     return x

@@ -103,16 +103,17 @@ class DeRIS(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     c = config.hidden_dim
     sw = config.swin
+    scan = bool(config.get("scan_layers", False))  # every repeated stack as one lax.scan
     self.swin = SwinTransformer(
         embed_dim=sw.embed_dim, depths=tuple(sw.depths), num_heads=tuple(sw.num_heads),
         window_size=sw.window_size, patch_size=sw.patch_size, mlp_ratio=sw.mlp_ratio,
-        drop_path_rate=sw.drop_path_rate, dtype=dtype, rngs=rngs)
+        drop_path_rate=sw.drop_path_rate, scan=scan, dtype=dtype, rngs=rngs)
     pd = config.pixel_decoder
     self.pixel_decoder = MSDeformAttnPixelDecoder(
         in_channels=tuple(sw.embed_dim * 2 ** i for i in range(len(sw.depths))),
         conv_dim=c, mask_dim=c, num_heads=pd.num_heads, num_points=pd.num_points,
-        num_layers=pd.num_layers, ffn_dim=pd.ffn_dim, num_groups=pd.num_groups, dtype=dtype,
-        rngs=rngs)
+        num_layers=pd.num_layers, ffn_dim=pd.ffn_dim, num_groups=pd.num_groups, scan=scan,
+        dtype=dtype, rngs=rngs)
     bc = config.beit3
     self.beit3 = BEiT3(
         embed_dim=bc.embed_dim, num_layers=bc.num_layers, num_heads=bc.num_heads,
@@ -120,7 +121,7 @@ class DeRIS(nnx.Module):
         image_size=tuple(config.cognition_image_size),
         max_source_positions=bc.max_source_positions, drop_path_rate=bc.drop_path_rate,
         layernorm_eps=bc.layernorm_eps, remat=bool(config.get("remat", False)),
-        scan_layers=bool(config.get("scan_layers", False)), dtype=dtype, rngs=rngs)
+        scan_layers=scan, dtype=dtype, rngs=rngs)
     self.cognition = CognitionProjections(beit_dim=bc.embed_dim, hidden_dim=c,
                                           num_queries=config.num_queries, dtype=dtype, rngs=rngs)
     dc = config.decoder

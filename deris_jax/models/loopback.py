@@ -270,6 +270,16 @@ class LoopbackDecoder(nnx.Module):
     text_padding = text_padding.astype(bool)
     query = query.astype(dt)
 
+    # The rounds stay a Python loop under model.scan_layers (issue 14): decoder layer i reads
+    # level i % 3, so with the released 3 layers no two layers see the same memory, position
+    # code or attention-mask shape (1/32, 1/16, 1/8), and the heads of round r resize the mask
+    # to the next level's size. Scanning them would need every level padded to the largest
+    # (x2.3 the key/value work, and the "fully blocked row attends everywhere" rule rewritten
+    # for padded keys) or a lax.switch over the levels, whose branches all compile anyway.
+    # The four loopback modules do share shapes, but each sits between two level-specific
+    # pieces, and on XLA:CPU a repeated identical piece adds little compile time (measured
+    # on the pixel decoder: BENCHMARKS.md, "Scanned stacks"). The auxiliary-loss rounds are
+    # already one compiled body (`losses._over_rounds`, lax.map).
     rounds: List[RoundOutput] = []
     mask_logits, boxes, cls_logits, attn_mask = self._heads(0, query, fm, sizes[0], taps)
     query, refer_logits = self._loopback(0, query, mask_logits, fm, text, text_pos,

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from deris_jax.models import initializers, layers
+from deris_jax.models import scan as scan_lib
 from deris_jax.models.deform_attn import MSDeformAttn, SpatialShapes, level_start_index
 from deris_jax.models.position import sine_position_2d
 from deris_jax.ops.resize import resize_bilinear
@@ -104,7 +105,9 @@ class MSDeformAttnPixelDecoder(nnx.Module):
 
   def __init__(self, *, in_channels: Sequence[int], conv_dim: int, mask_dim: int, num_heads: int,
                num_points: int, num_layers: int, ffn_dim: int, num_groups: int = 32,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               scan: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+    """`scan`: the encoder layers (identical shapes) as one `lax.scan` (config
+    `model.scan_layers`; same numbers, the program holds one layer)."""
     in_channels = tuple(int(c) for c in in_channels)
     if len(in_channels) != 4:
       raise ValueError(f"MSDeformAttnPixelDecoder: in_channels must list the channels of "
@@ -114,6 +117,7 @@ class MSDeformAttnPixelDecoder(nnx.Module):
                        f"{conv_dim}")
     dtype = jnp.dtype(dtype)  # also accepts the config's 'float32' / 'bfloat16'
     self.conv_dim, self.dtype = conv_dim, dtype
+    self.scan = scan
     res_channels = dict(zip(("res2", "res3", "res4", "res5"), in_channels))
     self.input_proj = nnx.List([
         _conv_norm(res_channels[name], conv_dim, 1, num_groups, "xavier", rngs=rngs, dtype=dtype)
@@ -160,9 +164,20 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     layers.tap(taps, f"{TAP}.encoder.reference_points",
                jnp.broadcast_to(ref_points, (batch,) + ref_points.shape[1:]))
     pos_flat = pos_flat.astype(self.dtype)
-    for j, layer in enumerate(self.transformer.encoder.layers):
-      src = layer(src, pos_flat, ref_points, spatial_shapes, taps=taps,
-                  tap_prefix=f"{TAP}.encoder.layer{j}")
+    encoder_layers = list(self.transformer.encoder.layers)
+    if self.scan and len(encoder_layers) > 1:
+      def body(src, modules, _):
+        layer_taps = None if taps is None else {}  # per-layer taps leave the scan stacked
+        src = modules[0](src, pos_flat, ref_points, spatial_shapes, taps=layer_taps,
+                         tap_prefix="")
+        return src, layer_taps
+
+      src, stacked = scan_lib.scan_modules([encoder_layers], body, src)
+      scan_lib.unstack_taps(taps, stacked, lambda j, key: f"{TAP}.encoder.layer{j}{key}")
+    else:
+      for j, layer in enumerate(encoder_layers):
+        src = layer(src, pos_flat, ref_points, spatial_shapes, taps=taps,
+                    tap_prefix=f"{TAP}.encoder.layer{j}")
     maps = []
     for (h, w), start in zip(spatial_shapes, level_start_index(spatial_shapes)):
       maps.append(src[:, start:start + h * w].reshape(batch, h, w, c))  # (B, h, w, C)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from deris_jax.models import layers
+from deris_jax.models import scan as scan_lib
 
 SHIFT_MASK_VALUE = -100.0  # official BasicLayer attention mask between shifted regions
 
@@ -120,8 +121,10 @@ class SwinTransformerBlock(nnx.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array, height: int, width: int, *, train: bool,
-               rngs: Optional[nnx.Rngs]) -> jax.Array:
-    """x: (B, H*W, C) tokens of an (height, width) map."""
+               rngs: Optional[nnx.Rngs], drop_path_rate=None) -> jax.Array:
+    """x: (B, H*W, C) tokens of an (height, width) map. `drop_path_rate` overrides the
+    block's own (a traced per-block rate when the stage is scanned)."""
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     b, _, c = x.shape
     ws, shift = self.window_size, self.shift_size
     hp, wp = padded_size(height, ws), padded_size(width, ws)
@@ -138,9 +141,8 @@ class SwinTransformerBlock(nnx.Module):
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = y[:, :height, :width, :].reshape(b, height * width, c)  # (B, H*W, C)
-    x = x + layers.drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
-    return x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, train=train,
-                                rngs=rngs)
+    x = x + layers.drop_path(y, rate, train=train, rngs=rngs)
+    return x + layers.drop_path(self.mlp(self.norm2(x)), rate, train=train, rngs=rngs)
 
 
 class PatchMerging(nnx.Module):
@@ -162,22 +164,58 @@ class PatchMerging(nnx.Module):
 
 
 class BasicLayer(nnx.Module):
-  """One stage: `depth` blocks alternating plain and shifted windows, then PatchMerging."""
+  """One stage: `depth` blocks alternating plain and shifted windows, then PatchMerging.
+
+  `scan=True` runs the blocks as one `lax.scan` over (regular, shifted) pairs (deris_jax/
+  models/scan.py) when the stage has at least two pairs (Swin-S/B stage 3: 18 blocks = 9
+  pairs); a stage of one pair runs as a loop, which compiles the same two blocks.
+  """
 
   def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-               drop_path_rates: Sequence[float], downsample: bool, *, rngs: nnx.Rngs, dtype):
+               drop_path_rates: Sequence[float], downsample: bool, *, rngs: nnx.Rngs, dtype,
+               scan: bool = False):
     self.blocks = nnx.List([
         SwinTransformerBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2,
                              mlp_ratio, drop_path_rates[i], rngs=rngs, dtype=dtype)
         for i in range(depth)])
     self.downsample = PatchMerging(dim, rngs=rngs, dtype=dtype) if downsample else None
+    self.scan = scan
 
   def __call__(self, x: jax.Array, height: int, width: int, *, train: bool,
                rngs: Optional[nnx.Rngs]) -> jax.Array:
     """Runs the blocks on (B, H*W, C) tokens; the caller norms/taps the result and then
     applies `downsample` (the official BasicLayer returns both)."""
-    for block in self.blocks:
+    blocks = list(self.blocks)
+    pairs = len(blocks) // 2
+    if self.scan and pairs >= 2:
+      x = self._scan_pairs(blocks[:2 * pairs], x, height, width, train=train, rngs=rngs)
+      blocks = blocks[2 * pairs:]  # an odd last block (no released depth has one)
+    for block in blocks:
       x = block(x, height, width, train=train, rngs=rngs)
+    return x
+
+  def _scan_pairs(self, blocks, x, height, width, *, train, rngs):
+    """The blocks as a scan over (regular, shifted) pairs: the even blocks' parameters stacked
+    as one group and the odd blocks' as the other; the per-block drop-path rates are scanned
+    (pairs, 2) arrays and every block draws its own key (other draws than the loop's, same
+    law). Same numbers as the loop in eval."""
+    regular, shifted = blocks[0::2], blocks[1::2]
+    if any(b.shift_size != regular[0].shift_size for b in regular) or any(
+        b.shift_size != shifted[0].shift_size for b in shifted):
+      raise ValueError("Swin scan: blocks of a stage must alternate two window shifts")
+    rates = jnp.asarray([[a.drop_path_rate, b.drop_path_rate] for a, b in zip(regular, shifted)],
+                        jnp.float32)  # (pairs, 2)
+    use_rng = train and any(b.drop_path_rate > 0 for b in blocks)
+    keys = scan_lib.step_keys(rngs, (len(regular), 2), use_rng)
+
+    def body(x, modules, per_pair):
+      rate, key = per_pair
+      for j, block in enumerate(modules):
+        x = block(x, height, width, train=use_rng, drop_path_rate=rate[j],
+                  rngs=nnx.Rngs(dropout=key[j]) if use_rng else None)
+      return x, None
+
+    x, _ = scan_lib.scan_modules([regular, shifted], body, x, (rates, keys))
     return x
 
 
@@ -202,7 +240,10 @@ class SwinTransformer(nnx.Module):
 
   def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
                window_size: int, patch_size: int = 4, mlp_ratio: float = 4.0,
-               drop_path_rate: float = 0.3, dtype=jnp.float32, rngs: nnx.Rngs):
+               drop_path_rate: float = 0.3, scan: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    """`scan`: each stage of at least two (regular, shifted) pairs runs as one `lax.scan`
+    (config `model.scan_layers`; same numbers, the program holds one pair per stage)."""
     depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
     if len(depths) != len(num_heads):
       raise ValueError(f"SwinTransformer: depths {depths} and num_heads {num_heads} must have "
@@ -216,7 +257,7 @@ class SwinTransformer(nnx.Module):
     self.layers = nnx.List([
         BasicLayer(self.num_features[i], depths[i], num_heads[i], window_size, mlp_ratio,
                    rates[starts[i]:starts[i + 1]], downsample=i < len(depths) - 1, rngs=rngs,
-                   dtype=dtype)
+                   dtype=dtype, scan=scan)
         for i in range(len(depths))])
     for i, dim in enumerate(self.num_features):
       setattr(self, f"norm{i}", layers.LayerNorm(dim))

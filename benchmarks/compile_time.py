@@ -1,0 +1,151 @@
+"""Compile time of the training programs, repeated stacks looped vs scanned (BENCHMARKS.md).
+
+  python -m benchmarks.compile_time [--program grad|step] [--variants b,l]
+      [--layouts loop,scan] [--repeats 1] [--batch 2]
+
+For each released variant (configs/deris.py:variant=V,data=refcoco) and layout, a fresh
+subprocess lowers and compiles, on abstract parameters and batch (`jax.ShapeDtypeStruct`s:
+nothing is allocated), one program and prints one line: lowering seconds, compile seconds,
+optimised HLO instructions. Programs:
+  grad  `jax.grad` of the training loss (forward with train=True, the official loss,
+        gradients of the trainable parameters; the frozen Swin gets none, as in training);
+  step  the jitted train step of train.py (the gradient, clipping, Adam, the new state), one
+        device, as `train.py --dry_run` compiles it.
+Layouts:
+  loop        every stack a Python loop (model.scan_layers=False);
+  beit3       only the BEiT-3 layers scanned (what scan_layers scanned before);
+  beit3+swin  the BEiT-3 layers and the Swin block pairs scanned;
+  scan        model.scan_layers=True (BEiT-3 layers, Swin block pairs, pixel-decoder layers).
+The persistent compilation cache is off; each measurement runs in its own process, and with
+--repeats the layouts take turns (the machine's load drifts).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+LAYOUTS = ("loop", "beit3", "beit3+swin", "scan")
+
+
+def measure(program: str, variant: str, layout: str, batch: int) -> dict:
+  os.environ["DERIS_JAX_CACHE"] = "off"
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from configs import deris as deris_config
+  from deris_jax import batch as batch_lib
+  from deris_jax import forward, losses
+  from deris_jax import sharding as S
+  from deris_jax.models.deris import abstract_model
+  from deris_jax.train import dry_run
+  from deris_jax.train import params as params_lib
+  from deris_jax.train import state as state_lib
+  from deris_jax.train import step as step_lib
+
+  config = deris_config.get_config(f"variant={variant},data=refcoco")
+  config.model.scan_layers = layout != "loop"
+  model = abstract_model(config.model)
+  if layout in ("beit3", "beit3+swin"):  # switch the other stacks back to their loops
+    for stage in model.swin.layers:
+      stage.scan = layout == "beit3+swin"
+    model.pixel_decoder.scan = False
+  graphdef, params = nnx.split(model)  # the parameters are the same in every layout
+
+  if program == "step":
+    config.data.batch_size = batch
+    config.data.official_world_size = 1  # the loss's, linked: any batch
+    mesh = S.make_mesh(config.mesh, jax.devices()[:1])
+    trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1)
+    trainer = dataclasses.replace(trainer, graphdef=graphdef)
+    args = (dry_run.abstract_state(trainer),
+            batch_lib.abstract(config.data, batch, S.batch_sharding(mesh)))
+    t0 = time.perf_counter()
+    lowered = step_lib.jit_train_step(trainer).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return dict(program=program, variant=variant, layout=layout, batch=batch,
+                lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+                hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
+                platform=jax.devices()[0].platform)
+
+  trainable, frozen = params_lib.split_frozen(nnx.to_pure_dict(params), config.optimizer.frozen)
+  loss_config = config.loss.copy_and_resolve_references()
+  loss_config.official_world_size = 1  # any batch
+  m = config.model
+  (h, w), (hm, wm) = m.image_size, m.cognition_image_size
+  sds = jax.ShapeDtypeStruct
+  batch_spec = dict(
+      image=sds((batch, h, w, 3), jnp.float32), image_mini=sds((batch, hm, wm, 3), jnp.float32),
+      text_ids=sds((batch, m.max_tokens), jnp.int32),
+      text_padding_mask=sds((batch, m.max_tokens), jnp.bool_),
+      gt_masks=sds((batch, 1, h, w), jnp.uint8), gt_valid=sds((batch, 1), jnp.bool_),
+      exists=sds((batch,), jnp.int32), weight=sds((batch,), jnp.float32))
+
+  def loss_fn(trainable, frozen, batch, key):
+    dropout_key, loss_key = jax.random.split(key)
+    out = forward.apply(graphdef, trainable, batch, frozen=frozen, train=True,
+                        dropout_key=dropout_key)
+    targets = {k: batch[k] for k in ("gt_masks", "gt_valid", "exists", "weight")}
+    return losses.deris_loss(step_lib.model_loss_inputs(out), targets, loss_key,
+                             config=loss_config)[0]
+
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  t0 = time.perf_counter()
+  lowered = jax.jit(jax.grad(loss_fn)).lower(trainable, frozen, batch_spec, key)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return dict(program=program, variant=variant, layout=layout, batch=batch, lower_s=round(t1 - t0, 1),
+              compile_s=round(t2 - t1, 1), hlo_instructions=compiled.as_text().count(" = "),
+              jax=jax.__version__, platform=jax.devices()[0].platform)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--program", choices=("grad", "step"), default="grad")
+  parser.add_argument("--variants", default="b,l")
+  parser.add_argument("--layouts", default=",".join(LAYOUTS))
+  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--json", help="also write the rows to this JSON file")
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:LAYOUT, in the subprocess
+  args = parser.parse_args(argv)
+  if args.one:
+    variant, layout = args.one.split(":")
+    print(json.dumps(measure(args.program, variant, layout, args.batch)), flush=True)
+    return 0
+  layouts = args.layouts.split(",")
+  unknown = set(layouts) - set(LAYOUTS)
+  if unknown:
+    raise SystemExit(f"unknown layouts {sorted(unknown)}; known: {LAYOUTS}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  rows = []
+  for variant in args.variants.split(","):
+    for _ in range(args.repeats):
+      for layout in layouts:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--one",
+                               f"{variant}:{layout}", "--batch", str(args.batch),
+                               "--program", args.program],
+                              capture_output=True, text=True, cwd=root)
+        if done.returncode:
+          print(done.stderr[-3000:], file=sys.stderr)
+          return done.returncode
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{args.program} DeRIS-{variant.upper()} {layout:<10} lower {row['lower_s']:5.1f} s  compile "
+              f"{row['compile_s']:6.1f} s  HLO instructions {row['hlo_instructions']:7d}",
+              flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,184 @@
+"""`model.scan_layers`: repeated stacks as one lax.scan give the loop's numbers.
+
+Swin stages scan over (regular, shifted) block pairs: the fixture's Swin has one pair per
+stage (nothing to scan), so the Swin checks use a small random-weight Swin of depths
+(2, 2, 6, 2) (stage 3: three pairs). The pixel decoder and the whole model use the fixture's
+converted weights.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deris_jax import forward, losses
+from deris_jax.convert.torch_to_nnx import load_into
+from deris_jax.models import pixel_decoder, swin
+from deris_jax.parity import check, fixture_losses
+from deris_jax.train import step
+from tests import fixture_values
+from tests import test_pixel_decoder as pd_tests
+
+SWIN = dict(embed_dim=16, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), window_size=7)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _assert_trees_close(got, want, *, rtol=1e-5, atol=1e-5):
+  got, want = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_flatten_with_path(want)[0]
+  assert [p for p, _ in got] == [p for p, _ in want]
+  for (path, a), (_, b) in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _swin(scan: bool, drop_path_rate: float = 0.3) -> swin.SwinTransformer:
+  """The small Swin with the same random weights for both layouts."""
+  model = nnx.eval_shape(lambda: swin.SwinTransformer(
+      **SWIN, drop_path_rate=drop_path_rate, scan=scan, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype), state)
+  return nnx.merge(graphdef, state)
+
+
+def _swin_loss_fn(model):
+  """(params, images, key or None) -> (sum of squares of all outputs, outputs)."""
+  graphdef, params = nnx.split(model)
+
+  def loss(params, images, key):
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    outs = nnx.merge(graphdef, params)(images, train=key is not None, rngs=rngs)
+    return sum(jnp.mean(o.astype(jnp.float32) ** 2) for o in outs), outs
+
+  return loss, params
+
+
+@pytest.fixture(scope="module")
+def swin_images():
+  rng = np.random.default_rng(1)
+  return jnp.asarray(rng.normal(size=(2, 56, 56, 3)), jnp.float32)
+
+
+def test_swin_pairs_scan_gives_the_loop_numbers(swin_images):
+  """Eval outputs, loss and gradients of the scanned stages equal the loop's."""
+  results = []
+  for scan in (False, True):
+    model = _swin(scan)
+    assert [s.scan for s in model.layers] == [scan] * 4
+    loss, params = _swin_loss_fn(model)
+    (value, outs), grads = jax.jit(jax.value_and_grad(
+        lambda p, x: loss(p, x, None), has_aux=True))(params, swin_images)
+    results.append((value, outs, grads))
+  (v0, o0, g0), (v1, o1, g1) = results
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  _assert_trees_close(o1, o0)
+  _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
+  # The gradients reach every block of the scanned stage, as stored per block.
+  assert len(g1["layers"][2]["blocks"]) == 6
+  assert all(np.abs(np.asarray(g1["layers"][2]["blocks"][i]["attn"]["qkv"]["kernel"])).max() > 0
+             for i in range(6))
+
+
+def test_swin_pairs_scan_applies_stochastic_depth(swin_images):
+  """In training the scanned stage draws drop path per sample and per key: samples that are
+  equal in eval differ in training, and different keys give different outputs."""
+  images = jnp.broadcast_to(swin_images[:1], (8,) + swin_images.shape[1:])  # 8 equal samples
+  model = _swin(True, drop_path_rate=0.5)
+  loss, params = _swin_loss_fn(model)
+  run = jax.jit(lambda p, x, k: loss(p, x, k)[1])
+  evaluated = jax.jit(lambda p, x: loss(p, x, None)[1])(params, images)
+  a = run(params, images, jax.random.key(0))[2]  # stage-3 output (B, h, w, C)
+  b = run(params, images, jax.random.key(1))[2]
+  e = evaluated[2]
+  e, a, b = np.asarray(e), np.asarray(a), np.asarray(b)
+  assert np.all(np.isfinite(a))
+  assert np.abs(e - e[:1]).max() < 1e-5  # equal samples in eval
+  assert np.abs(a - a[:1]).max() > 1e-3  # per-sample draws in training
+  assert np.abs(a - b).max() > 1e-3  # per-key draws
+  assert np.abs(a - e).max() > 1e-3
+
+
+# --- pixel decoder: the fixture's weights and backbone maps ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixture_cfg(tiny_dir):
+  return json.loads((tiny_dir / "config.json").read_text())
+
+
+def _pixel_decoder_run(cfg, state_dict, features, scan: bool):
+  """(loss, outputs, taps, grads) of the fixture's pixel decoder; loss = mean squares."""
+  model = nnx.eval_shape(lambda: pixel_decoder.MSDeformAttnPixelDecoder(
+      **pd_tests.decoder_kwargs(cfg), scan=scan, rngs=nnx.Rngs(0)))
+  sub = {k[len(pd_tests.PREFIX):]: v for k, v in state_dict.items()
+         if k.startswith(pd_tests.PREFIX)}
+  load_into(model, sub, source="deris_tiny/state_dict.safetensors")
+  graphdef, params = nnx.split(model)
+
+  def loss(params, features):
+    taps = {}
+    mask_features, maps = nnx.merge(graphdef, params)(features, taps=taps)
+    value = jnp.mean(mask_features ** 2) + sum(jnp.mean(m ** 2) for m in maps)
+    return value, ((mask_features, maps), taps)
+
+  (value, (outs, taps)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params,
+                                                                                  features)
+  return value, outs, taps, grads
+
+
+def test_pixel_decoder_scan_gives_the_loop_numbers(fixture_cfg, tiny_state_dict, tiny_outputs):
+  """The scanned encoder layers: outputs, every tap (the per-layer ones leave the scan
+  stacked), loss and gradients equal the loop's, and the taps still match the fixture."""
+  assert fixture_cfg["pixel_decoder"]["encoder_layers"] > 1  # else the loop runs anyway
+  features = [np.transpose(tiny_outputs[f"perception.backbone.res{i}"], (0, 2, 3, 1))
+              for i in range(2, 6)]
+  v0, o0, t0, g0 = _pixel_decoder_run(fixture_cfg, tiny_state_dict, features, scan=False)
+  v1, o1, t1, g1 = _pixel_decoder_run(fixture_cfg, tiny_state_dict, features, scan=True)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  _assert_trees_close(o1, o0)
+  assert sorted(t1) == sorted(t0) and any(".encoder.layer1.msda." in k for k in t1)
+  _assert_trees_close(t1, t0)
+  _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
+  keys = sorted(k for k in tiny_outputs if k.startswith(pd_tests.TAP)
+                and not k.endswith(pd_tests.STATIC_KEYS))
+  fixture_values.assert_taps_match(t1, tiny_outputs, keys,
+                                   lambda key: key[len(pd_tests.TAP):].startswith(pd_tests.MAP_KEYS))
+
+
+# --- the whole tiny model: outputs, the training loss and its gradients ---------------------
+
+
+def _model_loss_and_grads(fixture, scan: bool):
+  config = fixture.model_config.copy_and_resolve_references()
+  config.scan_layers = scan
+  model = check.build_converted_model(fixture, config)
+  graphdef, params = nnx.split(model)
+  batch = check.model_inputs(fixture.inputs)
+  targets = fixture_losses.official_loss_pass(fixture.inputs, fixture.outputs).targets
+  loss_config = losses.default_loss_config()
+  loss_config.num_points = 1024  # a cheaper loss; the same for both layouts
+
+  def loss(params):
+    out = forward.apply(graphdef, params, batch)
+    value, _ = losses.deris_loss(step.model_loss_inputs(out), targets, jax.random.key(0),
+                                 config=loss_config)
+    return value, out
+
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return value, out, grads
+
+
+def test_scanned_model_gives_the_loop_numbers(tiny_dir):
+  """scan_layers on the fixture's model (BEiT-3 and pixel-decoder stacks scanned; its Swin
+  stages have one pair each and loop): outputs, loss and gradients equal the loop's."""
+  fixture = check.load_fixture(tiny_dir)
+  v0, o0, g0 = _model_loss_and_grads(fixture, scan=False)
+  v1, o1, g1 = _model_loss_and_grads(fixture, scan=True)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  _assert_trees_close(o1, o0)
+  _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
