@@ -146,7 +146,9 @@ def _interpolation_weights(in_size: int, out_sizes: jax.Array, canvas: int) -> j
 
   Row d of sample b interpolates output pixel d of an `out_sizes[b]`-long axis, computed like
   PyTorch's float32 kernel: src = max((d + 0.5) * in/out - 0.5, 0). Rows d >= out_sizes[b]
-  are zero.
+  are zero. Not `jax.image.scale_and_translate`, which takes a traced scale but gets in/out
+  back as 1 / (out/in), rounded twice: vmapped over the batch on the CPU it drifts 1e-4 from
+  torch on the 7x9 -> 37x50 case of tests/data/torch_ops_ref.npz, where this stays at 3e-5.
   """
   out = jnp.maximum(out_sizes.astype(jnp.float32), 1.0)[:, None]  # (B, 1)
   dst = jnp.arange(canvas, dtype=jnp.float32)[None, :]  # (1, canvas)

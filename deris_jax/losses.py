@@ -58,6 +58,7 @@ from typing import Callable, Mapping, NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
+import optax
 
 from deris_jax import matching
 from deris_jax.ops import sample
@@ -200,11 +201,6 @@ def random_points(rng: jax.Array, *, batch_size: int, num_targets: int, num_roun
 # Matching
 
 
-def _sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Elementwise `binary_cross_entropy_with_logits` (soft labels allowed)."""
-  return jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-
-
 def pair_costs(pred_points: jax.Array, gt_points: jax.Array, refer_logits: jax.Array, *,
                cost_class: float, cost_mask: float, cost_dice: float) -> jax.Array:
   """The official matching cost of one sample (`hungarian_matcher_HierVG`).
@@ -300,7 +296,7 @@ def mask_losses(pred_masks: jax.Array, gt_masks: jax.Array, query_index: jax.Arr
   logits = sample_selected(pred_masks, query, points)  # (B, K, P)
   labels = sample_selected(gt_masks, jnp.broadcast_to(jnp.arange(k), (b, k)), points)  # (B,K,P)
   labels = jax.lax.stop_gradient(labels)
-  bce = jnp.mean(_sigmoid_bce(logits, labels), axis=-1)  # (B, K)
+  bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)  # (B, K)
   prob = jax.nn.sigmoid(logits)  # (B, K, P)
   numerator = 2.0 * jnp.sum(prob * labels, axis=-1)  # (B, K)
   denominator = jnp.sum(prob, axis=-1) + jnp.sum(labels, axis=-1)  # (B, K)
@@ -380,7 +376,7 @@ def existence_loss(existence_logit: jax.Array, exists: jax.Array, example_weight
   """
   logit = existence_logit.reshape(-1).astype(jnp.float32)  # (B,)
   weight = example_weight.astype(jnp.float32)  # (B,)
-  bce = _sigmoid_bce(logit, exists.astype(jnp.float32))  # (B,)
+  bce = optax.sigmoid_binary_cross_entropy(logit, exists.astype(jnp.float32))  # (B,)
   if num_groups == 1:
     return _safe_divide(jnp.sum(weight * bce), jnp.sum(weight))
   return _mean_of_group_means(bce, weight, weight, num_groups)

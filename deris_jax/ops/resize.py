@@ -1,12 +1,17 @@
 """Bilinear resizing and average pooling with exact PyTorch `F.interpolate` semantics.
 
-`jax.image.resize` antialiases when it downsamples, which PyTorch's bilinear mode does not,
-so the official numbers cannot be reproduced with it. Here a resize along one axis is a
-product with a small (out, in) interpolation matrix built in numpy at trace time: exact,
-static in shape, and a matmul on accelerators.
+align_corners=False (the pixel decoder, the loopback maps) is `jax.image.resize` with
+`antialias=False`: PyTorch's bilinear mode does not antialias, and without it jax.image's
+triangle kernel is PyTorch's (tests/test_ops.py: within 3e-5 of torch on values ~20, as close
+as ours was). align_corners=True (the x4 upsampling of the mask logits) has no jax.image
+method: `scale_and_translate` can express the mapping but computes the source coordinate
+differently and lands 1.5e-4 from torch where the tests allow 4e-5, so it is a product with a
+small (out, in) interpolation matrix built in numpy at trace time, with PyTorch's float32
+source coordinate: exact, static in shape, and a matmul on accelerators. Pooling is flax's.
 """
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +57,16 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], *, align_corners: bool,
   out_h, out_w = size
   in_h, in_w = x.shape[ax_h], x.shape[ax_w]
   y = x.astype(jnp.float32)
-  if (in_h, in_w) != (out_h, out_w):
+  hi = jax.lax.Precision.HIGHEST
+  if (in_h, in_w) == (out_h, out_w):
+    return y.astype(x.dtype)
+  if not align_corners:
+    shape = list(y.shape)
+    shape[ax_h], shape[ax_w] = out_h, out_w
+    y = jax.image.resize(y, tuple(shape), "linear", antialias=False, precision=hi)
+  else:
     wh = jnp.asarray(interpolation_matrix(in_h, out_h, align_corners))  # (out_h, in_h)
     ww = jnp.asarray(interpolation_matrix(in_w, out_w, align_corners))  # (out_w, in_w)
-    hi = jax.lax.Precision.HIGHEST
     y = jnp.moveaxis(jnp.tensordot(y, wh, axes=((ax_h,), (1,)), precision=hi), -1, ax_h)
     y = jnp.moveaxis(jnp.tensordot(y, ww, axes=((ax_w,), (1,)), precision=hi), -1, ax_w)
   return y.astype(x.dtype)
@@ -65,12 +76,13 @@ def avg_pool(x: jax.Array, window: int, axes: Sequence[int] = (1, 2)) -> jax.Arr
   """Non-overlapping average pooling (`nn.AvgPool2d(k, k)`) over two axes of `x`.
 
   Like PyTorch with no padding, trailing rows/columns that do not fill a window are dropped.
+  flax's `avg_pool` wants (batch..., H, W, features): the two axes are moved there and back.
   """
   ax_h, ax_w = sorted(a % x.ndim for a in axes)
-  h, w = x.shape[ax_h] // window, x.shape[ax_w] // window
-  x = jax.lax.slice_in_dim(x, 0, h * window, axis=ax_h)
-  x = jax.lax.slice_in_dim(x, 0, w * window, axis=ax_w)
-  shape = list(x.shape)
-  shape[ax_w:ax_w + 1] = [w, window]
-  shape[ax_h:ax_h + 1] = [h, window]
-  return x.reshape(shape).mean(axis=(ax_h + 1, ax_w + 2), dtype=jnp.float32).astype(x.dtype)
+  y = x.astype(jnp.float32)
+  if y.ndim == 2:
+    y = y[..., None]  # (H, W, 1)
+  y = jnp.moveaxis(y, (ax_h, ax_w), (-3, -2))  # (..., H, W, F)
+  y = nn.avg_pool(y, (window, window), strides=(window, window), padding="VALID")
+  y = jnp.moveaxis(y, (-3, -2), (ax_h, ax_w))
+  return (y[..., 0] if x.ndim == 2 else y).astype(x.dtype)

@@ -27,10 +27,9 @@ TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / 
 
 def global_norm(tree) -> jax.Array:
   """() float32 L2 norm over every leaf."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
+  if not jax.tree_util.tree_leaves(tree):
     return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
