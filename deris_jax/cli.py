@@ -16,7 +16,8 @@ given (`load`).
 
 Quiet means: absl / Python loggers at ERROR, third-party Python warnings off (ours stay),
 TensorFlow's C++ logs off (TF_CPP_MIN_LOG_LEVEL, effective because TensorFlow is imported
-after the arguments are parsed), and TFDS progress bars and its console prints off while a
+after the arguments are parsed; a level the user exported is kept), `deris_jax` loggers at
+WARNING, and TFDS progress bars and its console prints off while a
 dataset is prepared (`deris_jax.data.prepare` asks `verbose()`).
 """
 import argparse
@@ -32,11 +33,14 @@ from absl import logging as absl_logging
 from deris_jax import checkpoints, config_check, config_loader
 
 PREFIX = "--config."
+PREFIXES = (PREFIX, "-config.")  # absl flags take one dash too
 # Loggers of the libraries we run (the root logger covers the rest).
 LIBRARY_LOGGERS = ("", "absl", "tensorflow", "jax", "jax._src", "orbax", "tensorflow_datasets",
                    "httpx", "gradio")
 _LEVELS = {0: logging.ERROR, 1: logging.INFO}
 _verbosity = 0
+# TensorFlow's C++ log level as the user set it before we ran (theirs wins over --verbosity).
+_USER_TF_CPP_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
 
 
 class UsageError(ValueError):
@@ -44,13 +48,18 @@ class UsageError(ValueError):
 
 
 def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-  """(the other arguments, ['a.b=VALUE', ...]) from `--config.a.b=VALUE` / `--config.a.b VALUE`."""
+  """(the other arguments, ['a.b=VALUE', ...]) from `--config.a.b=VALUE` / `--config.a.b VALUE`
+  (or `-config.a.b...`, as absl takes it). Arguments after `--` are left as they are."""
   rest, overrides = [], []
   position = 0
   while position < len(argv):
     arg = argv[position]
-    if arg.startswith(PREFIX):
-      body = arg[len(PREFIX):]
+    if arg == "--":  # the end of the options: the rest is positional
+      rest.extend(argv[position:])
+      break
+    prefix = next((p for p in PREFIXES if arg.startswith(p)), None)
+    if prefix is not None:
+      body = arg[len(prefix):]
       if "=" not in body:
         if position + 1 >= len(argv):
           raise UsageError(f"{arg} needs a value: {arg}=VALUE")
@@ -122,11 +131,13 @@ def set_verbosity(level: int) -> None:
   global _verbosity
   _verbosity = int(level)
   python_level = _LEVELS.get(_verbosity, logging.DEBUG)
-  if "tensorflow" not in sys.modules:  # read by TensorFlow when it is imported
+  if "tensorflow" not in sys.modules and _USER_TF_CPP_LEVEL is None:  # read at TF's import
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3" if _verbosity <= 0 else "0"
   absl_logging.set_verbosity(python_level)
   for name in LIBRARY_LOGGERS:
     logging.getLogger(name).setLevel(python_level)
+  # Our own Python loggers keep their warnings when the root logger is quieted.
+  logging.getLogger("deris_jax").setLevel(min(python_level, logging.WARNING))
   warnings.resetwarnings()
   if _verbosity <= 0:
     warnings.filterwarnings("ignore")  # the libraries' deprecations and notices

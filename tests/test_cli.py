@@ -1,7 +1,9 @@
 """deris_jax.cli: one command-line convention for every entry point, and quiet output."""
 import importlib
 import logging
+import os
 import pathlib
+import sys
 import warnings
 
 import numpy as np
@@ -34,6 +36,13 @@ def test_split_overrides_takes_both_forms():
        "--config", "x.py:a=1", "--config.data.eval_splits=('val',)"])
   assert rest == ["--checkpoint", "c", "--config", "x.py:a=1"]
   assert overrides == ["model.dtype=bfloat16", "eval.batch_size=4", "data.eval_splits=('val',)"]
+
+
+def test_split_overrides_takes_absl_one_dash_and_stops_at_double_dash():
+  rest, overrides = cli.split_overrides(
+      ["-config.model.dtype=bfloat16", "-config.eval.batch_size", "4", "--", "--config.x=1"])
+  assert overrides == ["model.dtype=bfloat16", "eval.batch_size=4"]
+  assert rest == ["--", "--config.x=1"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -101,6 +110,14 @@ def test_bench_names_an_unknown_field(capsys):
   assert "unknown config field 'model.nope'" in capsys.readouterr().err
 
 
+def test_a_tensorflow_log_level_the_user_exported_is_kept(monkeypatch):
+  monkeypatch.setattr(cli, "_USER_TF_CPP_LEVEL", "1")
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+  monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+  cli.set_verbosity(0)
+  assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+
+
 def test_verbosity_zero_silences_the_libraries_but_not_us():
   cli.set_verbosity(0)
   assert logging.getLogger("absl").level == logging.ERROR
@@ -109,5 +126,8 @@ def test_verbosity_zero_silences_the_libraries_but_not_us():
     warnings.warn_explicit("lib", DeprecationWarning, "x.py", 1, module="tensorflow.x")
     warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="deris_jax.train.loop")
   assert [str(w.message) for w in caught] == ["ours"]
+  ours = logging.getLogger("deris_jax.train.loop")  # a warning of ours still passes
+  assert ours.isEnabledFor(logging.WARNING) and not logging.getLogger("orbax").isEnabledFor(
+      logging.WARNING)
   cli.set_verbosity(1)
   assert logging.getLogger("absl").level == logging.INFO and cli.verbose()
