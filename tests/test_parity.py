@@ -14,9 +14,13 @@ def fixture(tiny_dir):
   return check.load_fixture(tiny_dir)
 
 
-@pytest.fixture(scope="session")
-def parity_result(fixture):
-  return check.run_parity(fixture)
+@pytest.fixture(scope="session", params=[False, True], ids=["loop", "scan"])
+def parity_result(fixture, request):
+  """The parity run with the repeated stacks looped and scanned (`model.scan_layers`: the
+  scanned program's per-layer taps are compared too)."""
+  config = fixture.model_config.copy_and_resolve_references()
+  config.scan_layers = request.param
+  return check.run_parity(fixture, model_config=config)
 
 
 def test_every_model_tensor_matches(parity_result, fixture):

@@ -277,9 +277,9 @@ class LoopbackDecoder(nnx.Module):
     # (x2.3 the key/value work, and the "fully blocked row attends everywhere" rule rewritten
     # for padded keys) or a lax.switch over the levels, whose branches all compile anyway.
     # The four loopback modules do share shapes, but each sits between two level-specific
-    # pieces, and on XLA:CPU a repeated identical piece adds little compile time (measured
-    # on the pixel decoder: BENCHMARKS.md, "Scanned stacks"). The auxiliary-loss rounds are
-    # already one compiled body (`losses._over_rounds`, lax.map).
+    # pieces, and a repeated identical piece costs XLA little to compile: it emits one kernel
+    # per distinct fusion and reuses it for the copies (BENCHMARKS.md, "Compile time"). The
+    # auxiliary-loss rounds are already one compiled body (`losses._over_rounds`, lax.map).
     rounds: List[RoundOutput] = []
     mask_logits, boxes, cls_logits, attn_mask = self._heads(0, query, fm, sizes[0], taps)
     query, refer_logits = self._loopback(0, query, mask_logits, fm, text, text_pos,
