@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The performance table of one GPU in one run (issue 7): DeRIS-B/L train and inference, fp32 and
-# bf16, and deformable attention alone. At most 520 s of entries, each with its own time
+# bf16, and deformable attention alone; the DeRIS-B bf16 train step both with the repeated stacks
+# scanned (model.scan_layers, the released configs) and looped (issue 14). At most 560 s of entries, each with its own time
 # limit so one slow compile cannot eat the rest; parameters are random, made on the device.
 # Writes to $OUT (default bench_out/):
 #   device.txt    nvidia-smi name, memory, driver; jax version and devices
@@ -29,12 +30,14 @@ run() {  # run NAME LIMIT_SECONDS bench.py-arguments...
   echo "$name rc=$? seconds=$((SECONDS - t0))" >> "$OUT/status.txt"
 }
 
-run deform_fp32 30 --mode deform --batch 16 --steps 20
-run deform_bf16 30 --mode deform --batch 16 --steps 20 --dtype bfloat16
-run b_train_bf16 110 --mode train --config configs/deris_b_refcoco.py --batch 16 --dtype bfloat16
-run b_train_fp32 80 --mode train --config configs/deris_b_refcoco.py --batch 16
+run deform_fp32 25 --mode deform --batch 16 --steps 20
+run deform_bf16 25 --mode deform --batch 16 --steps 20 --dtype bfloat16
+run b_train_bf16 100 --mode train --config configs/deris_b_refcoco.py --batch 16 --dtype bfloat16
+run b_train_bf16_loop 90 --mode train --config configs/deris_b_refcoco.py --batch 16 \
+    --dtype bfloat16 --config.model.scan_layers=False
+run b_train_fp32 70 --mode train --config configs/deris_b_refcoco.py --batch 16
 run l_train_bf16 150 --mode train --config configs/deris_l_refcoco.py --batch 16 --dtype bfloat16 \
     --config.model.remat=True --max_batch
-run b_infer_bf16 60 --config configs/deris_b_refcoco.py --batch 1,64 --dtype bfloat16
-run l_infer_bf16 60 --config configs/deris_l_refcoco.py --batch 1,64 --dtype bfloat16
+run b_infer_bf16 50 --config configs/deris_b_refcoco.py --batch 1,64 --dtype bfloat16
+run l_infer_bf16 50 --config configs/deris_l_refcoco.py --batch 1,64 --dtype bfloat16
 cat "$OUT/status.txt"
