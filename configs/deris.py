@@ -41,7 +41,7 @@ def get_config(arg=None):
   config.model = common.model_config(**backbones, num_queries=dataset["num_queries"],
                                      max_tokens=data.max_tokens)
   config.model.compat_group_size = dataset["compat_group_size"]
-  config.model.scan_layers = True  # one compiled BEiT-3 layer body (BENCHMARKS.md)
+  config.model.scan_layers = True  # one compiled body per repeated stack (BENCHMARKS.md)
   config.data = data
   common.add_training(config, **dataset["schedule"])
   # The official objective: DDP over data.official_world_size (4) GPUs, so the global batch
