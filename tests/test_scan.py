@@ -182,3 +182,32 @@ def test_scanned_model_gives_the_loop_numbers(tiny_dir):
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   _assert_trees_close(o1, o0)
   _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_swin_and_pixel_decoder_train_in_bfloat16(fixture_cfg, tiny_outputs):
+  """bf16 compute with the Swin pairs and encoder layers scanned: the training gradients lower
+  (lax.scan needs one carry dtype, so nothing in a body may promote the bf16 stream) and the
+  outputs stay bf16. Lowered and shape-evaluated only: nothing is compiled."""
+  key = jax.random.key(0)
+  model = nnx.eval_shape(lambda: swin.SwinTransformer(
+      **SWIN, drop_path_rate=0.3, scan=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  loss, params = _swin_loss_fn(model)
+  images = jax.ShapeDtypeStruct((2, 56, 56, 3), jnp.float32)
+  _, outs = jax.eval_shape(loss, params, images, key)
+  assert {o.dtype for o in outs} == {jnp.dtype(jnp.bfloat16)}
+  jax.jit(jax.grad(lambda p, x, k: loss(p, x, k)[0])).lower(params, images, key)
+
+  decoder = nnx.eval_shape(lambda: pixel_decoder.MSDeformAttnPixelDecoder(
+      **pd_tests.decoder_kwargs(fixture_cfg), scan=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(decoder)
+  features = [jax.ShapeDtypeStruct(np.transpose(tiny_outputs[f"perception.backbone.res{i}"],
+                                                (0, 2, 3, 1)).shape, jnp.float32)
+              for i in range(2, 6)]
+
+  def decoder_loss(params, features):
+    mask_features, maps = nnx.merge(graphdef, params)(features)
+    return jnp.mean(mask_features.astype(jnp.float32) ** 2), (mask_features, maps)
+
+  _, (mask_features, maps) = jax.eval_shape(decoder_loss, params, features)
+  assert {x.dtype for x in [mask_features, *maps]} == {jnp.dtype(jnp.bfloat16)}
+  jax.jit(jax.grad(lambda p, f: decoder_loss(p, f)[0])).lower(params, features)
