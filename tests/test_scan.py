@@ -2,8 +2,8 @@
 
 Swin stages scan over (regular, shifted) block pairs: the fixture's Swin has one pair per
 stage (nothing to scan), so the Swin checks use a small random-weight Swin of depths
-(2, 2, 6, 2) (stage 3: three pairs). The pixel decoder and the whole model use the fixture's
-converted weights.
+(2, 2, 6, 2) (stage 3: three pairs). The pixel decoder uses the fixture's converted weights;
+the whole scanned model is checked against the fixture by tests/test_parity.py.
 """
 import json
 
@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deris_jax import forward, losses
+from configs import deris as deris_config
 from deris_jax.convert.torch_to_nnx import load_into
 from deris_jax.models import pixel_decoder, swin
-from deris_jax.parity import check, fixture_losses
-from deris_jax.train import step
+from deris_jax.models.deris import abstract_model
 from tests import fixture_values
 from tests import test_pixel_decoder as pd_tests
 
@@ -150,38 +149,22 @@ def test_pixel_decoder_scan_gives_the_loop_numbers(fixture_cfg, tiny_state_dict,
                                    lambda key: key[len(pd_tests.TAP):].startswith(pd_tests.MAP_KEYS))
 
 
-# --- the whole tiny model: outputs, the training loss and its gradients ---------------------
+# --- the whole model: the switch reaches every stack ----------------------------------------
+# The whole scanned model's numbers are checked against the official fixture, every per-layer
+# tap included, by tests/test_parity.py (run with the switch off and on); the gradients of each
+# scanned stack against its loop above and in tests/test_model_options.py (BEiT-3).
 
 
-def _model_loss_and_grads(fixture, scan: bool):
-  config = fixture.model_config.copy_and_resolve_references()
-  config.scan_layers = scan
-  model = check.build_converted_model(fixture, config)
-  graphdef, params = nnx.split(model)
-  batch = check.model_inputs(fixture.inputs)
-  targets = fixture_losses.official_loss_pass(fixture.inputs, fixture.outputs).targets
-  loss_config = losses.default_loss_config()
-  loss_config.num_points = 1024  # a cheaper loss; the same for both layouts
-
-  def loss(params):
-    out = forward.apply(graphdef, params, batch)
-    value, _ = losses.deris_loss(step.model_loss_inputs(out), targets, jax.random.key(0),
-                                 config=loss_config)
-    return value, out
-
-  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  return value, out, grads
-
-
-def test_scanned_model_gives_the_loop_numbers(tiny_dir):
-  """scan_layers on the fixture's model (BEiT-3 and pixel-decoder stacks scanned; its Swin
-  stages have one pair each and loop): outputs, loss and gradients equal the loop's."""
-  fixture = check.load_fixture(tiny_dir)
-  v0, o0, g0 = _model_loss_and_grads(fixture, scan=False)
-  v1, o1, g1 = _model_loss_and_grads(fixture, scan=True)
-  np.testing.assert_allclose(v1, v0, rtol=1e-6)
-  _assert_trees_close(o1, o0)
-  _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_switch_reaches_every_stack(scan):
+  """`model.scan_layers` of a released config sets every stack's switch (built abstractly)."""
+  config = deris_config.get_config("variant=b,data=refcoco")
+  config.model.scan_layers = scan
+  model = abstract_model(config.model)
+  assert model.beit3.scan_layers is scan and model.pixel_decoder.scan is scan
+  assert [stage.scan for stage in model.swin.layers] == [scan] * 4
+  assert len(model.swin.layers[2].blocks) == 18  # stage 3: the 9 pairs that are scanned
+  assert len(model.pixel_decoder.transformer.encoder.layers) == 6
 
 
 def test_scanned_swin_and_pixel_decoder_train_in_bfloat16(fixture_cfg, tiny_outputs):
