@@ -1,12 +1,18 @@
-"""Initial train state: host-drawn parameters have the model's tree and follow the seed."""
+"""Initial train state (host-drawn parameters have the model's tree and follow the seed) and
+one jitted train step per program."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.config_loader import load_config
+from deris_jax.models.deris import abstract_model
 from deris_jax.train import state as state_lib
+from deris_jax.train import step as step_lib
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +51,27 @@ def test_unknown_init_mode_is_refused(trainer):
   bad = state_lib.make_trainer(config, trainer.mesh, steps_per_epoch=9)
   with pytest.raises(ValueError, match="unknown config train.init 'lazy'"):
     state_lib.fresh_params(bad, seed=0)
+
+
+def test_one_jitted_step_per_program():
+  """Trainers of the same program share one jitted step (compiled once per process); a
+  change the program reads (loss, schedule length, steps per epoch, model) gives another,
+  and a field it does not read (evaluation, checkpoints) does not."""
+  def step_of(*overrides, spe=9):
+    config = load_config("configs/deris_micro.py", list(overrides))
+    return step_lib.jit_train_step(
+        state_lib.make_trainer(config, S.make_mesh(config.mesh), steps_per_epoch=spe))
+
+  first = step_of()
+  assert step_of() is first
+  assert step_of("train.checkpoint_every_steps=3", "train.max_steps=5") is first
+  for other in (step_of("loss.num_points=32"), step_of("train.epochs=7"), step_of(spe=10),
+                step_of("model.dtype=bfloat16")):
+    assert other is not first
+  # The same config with another model structure (benchmarks swap the graphdef).
+  config = load_config("configs/deris_micro.py")
+  trainer = state_lib.make_trainer(config, S.make_mesh(config.mesh), steps_per_epoch=9)
+  config.model.scan_layers = True
+  scanned, _ = nnx.split(abstract_model(config.model))
+  assert step_lib.jit_train_step(dataclasses.replace(trainer, graphdef=scanned)) is not (
+      step_lib.jit_train_step(trainer))

@@ -46,6 +46,7 @@ class Trainer:
   abstract_state: TrainState  # ShapeDtypeStructs
   state_shardings: TrainState  # NamedShardings
   mesh: jax.sharding.Mesh
+  steps_per_epoch: int  # the learning-rate schedule's (part of the train step's program)
 
   def split_params(self, params):
     """(trainable, frozen) parameter trees."""
@@ -97,7 +98,7 @@ def make_trainer(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, *, steps_per_e
       first_nonfinite_step=S.replicated(mesh))
   return Trainer(config=config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
                  frozen_patterns=patterns, abstract_state=abstract_state,
-                 state_shardings=shardings, mesh=mesh)
+                 state_shardings=shardings, mesh=mesh, steps_per_epoch=steps_per_epoch)
 
 
 def _state_from(trainer: Trainer, params, rng_key) -> TrainState:

@@ -12,8 +12,14 @@ parameters of a non-finite step and the last one written is good.
 
 Memory: `config.model.remat` recomputes the BEiT-3 layers in the backward pass (the frozen
 Swin keeps no activations for the backward at all).
+
+`jit_train_step` hands out one jitted step per program (`program_key`) and process: a second
+run of the same program in the same process (a resumed or repeated run, a sweep in a notebook,
+the tests) reuses the compiled executable instead of tracing, lowering and compiling again.
 """
-from typing import Callable, Dict, Tuple
+import collections
+import dataclasses
+from typing import Any, Callable, Dict, Hashable, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +78,41 @@ def train_step_fn(trainer: Trainer) -> Callable[[TrainState, dict], Tuple[TrainS
   return step
 
 
+# The config sections the step's program reads (with the model structure, the mesh and the
+# learning-rate schedule's epochs and steps per epoch; `program_key`).
+PROGRAM_SECTIONS = ("model", "loss", "optimizer", "schedule", "sharding")
+MAX_JITTED_STEPS = 4  # programs kept per process (each holds its compiled executables)
+_jitted_steps: "collections.OrderedDict[Hashable, Tuple[Any, Callable]]" = (
+    collections.OrderedDict())  # key -> (graphdef, jitted step)
+
+
+def program_key(trainer: Trainer) -> Hashable:
+  """What the train step's program depends on besides the model structure (`graphdef`,
+  compared apart: it is not hashable): trainers with equal keys and graphdefs build the same
+  program (the batch shapes are jit's own cache key)."""
+  config = trainer.config
+  sections = tuple(config[name].to_json_best_effort(sort_keys=True) if name in config else None
+                   for name in PROGRAM_SECTIONS)
+  return (sections, int(config.train.epochs), trainer.steps_per_epoch, trainer.mesh)
+
+
 def jit_train_step(trainer: Trainer):
-  """The jitted step: state sharded by its rules, batch over data x fsdp, state donated."""
-  return jax.jit(train_step_fn(trainer),
-                 in_shardings=(trainer.state_shardings, S.batch_sharding(trainer.mesh)),
-                 out_shardings=(trainer.state_shardings, S.replicated(trainer.mesh)),
-                 donate_argnums=(0,))
+  """The jitted step: state sharded by its rules, batch over data x fsdp, state donated.
+
+  The same jitted function for trainers of the same program (`program_key`), so it compiles
+  once per process."""
+  key = program_key(trainer)
+  if key in _jitted_steps and _jitted_steps[key][0] == trainer.graphdef:
+    _jitted_steps.move_to_end(key)
+    return _jitted_steps[key][1]
+  # The step traces again for new batch shapes: it keeps its own copy of the config, so a
+  # caller changing theirs later cannot change what the key promised.
+  trainer = dataclasses.replace(trainer, config=trainer.config.copy_and_resolve_references())
+  jitted = jax.jit(train_step_fn(trainer),
+                   in_shardings=(trainer.state_shardings, S.batch_sharding(trainer.mesh)),
+                   out_shardings=(trainer.state_shardings, S.replicated(trainer.mesh)),
+                   donate_argnums=(0,))
+  _jitted_steps[key] = (trainer.graphdef, jitted)
+  while len(_jitted_steps) > MAX_JITTED_STEPS:
+    _jitted_steps.popitem(last=False)
+  return jitted
