@@ -101,9 +101,10 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return dict(program=program, variant=variant, layout=layout, batch=batch, lower_s=round(t1 - t0, 1),
-              compile_s=round(t2 - t1, 1), hlo_instructions=compiled.as_text().count(" = "),
-              jax=jax.__version__, platform=jax.devices()[0].platform)
+  return dict(program=program, variant=variant, layout=layout, batch=batch,
+              lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+              hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
+              platform=jax.devices()[0].platform)
 
 
 def main(argv=None) -> int:
@@ -138,8 +139,8 @@ def main(argv=None) -> int:
           return done.returncode
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{args.program} DeRIS-{variant.upper()} {layout:<10} lower {row['lower_s']:5.1f} s  compile "
-              f"{row['compile_s']:6.1f} s  HLO instructions {row['hlo_instructions']:7d}",
+        print(f"{args.program} DeRIS-{variant.upper()} {layout:<10} lower {row['lower_s']:5.1f} s"
+              f"  compile {row['compile_s']:6.1f} s  HLO instructions {row['hlo_instructions']:7d}",
               flush=True)
   if args.json:
     with open(args.json, "w") as f:

@@ -28,7 +28,8 @@ def _leaves(tree):
 
 
 def _assert_trees_close(got, want, *, rtol=1e-5, atol=1e-5):
-  got, want = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_flatten_with_path(want)[0]
+  got = jax.tree_util.tree_flatten_with_path(got)[0]
+  want = jax.tree_util.tree_flatten_with_path(want)[0]
   assert [p for p, _ in got] == [p for p, _ in want]
   for (path, a), (_, b) in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
@@ -145,8 +146,8 @@ def test_pixel_decoder_scan_gives_the_loop_numbers(fixture_cfg, tiny_state_dict,
   _assert_trees_close(g1, g0, rtol=1e-4, atol=1e-6)
   keys = sorted(k for k in tiny_outputs if k.startswith(pd_tests.TAP)
                 and not k.endswith(pd_tests.STATIC_KEYS))
-  fixture_values.assert_taps_match(t1, tiny_outputs, keys,
-                                   lambda key: key[len(pd_tests.TAP):].startswith(pd_tests.MAP_KEYS))
+  is_map = lambda key: key[len(pd_tests.TAP):].startswith(pd_tests.MAP_KEYS)  # noqa: E731
+  fixture_values.assert_taps_match(t1, tiny_outputs, keys, is_map)
 
 
 # --- the whole model: the switch reaches every stack ----------------------------------------
