@@ -29,6 +29,19 @@ import time
 LAYOUTS = ("loop", "beit3", "beit3+swin", "scan")
 
 
+def lower_and_compile(jitted, args) -> dict:
+  """Seconds to lower and to compile `jitted` at `args`, and the optimised HLO's size."""
+  import jax
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return dict(lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+              hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
+              platform=jax.devices()[0].platform)
+
+
 def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   os.environ["DERIS_JAX_CACHE"] = "off"
   import dataclasses
@@ -64,15 +77,8 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
     trainer = dataclasses.replace(trainer, graphdef=graphdef)
     args = (dry_run.abstract_state(trainer),
             batch_lib.abstract(config.data, batch, S.batch_sharding(mesh)))
-    t0 = time.perf_counter()
-    lowered = step_lib.jit_train_step(trainer).lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
     return dict(program=program, variant=variant, layout=layout, batch=batch,
-                lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
-                hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
-                platform=jax.devices()[0].platform)
+                **lower_and_compile(step_lib.jit_train_step(trainer), args))
 
   trainable, frozen = params_lib.split_frozen(nnx.to_pure_dict(params), config.optimizer.frozen)
   loss_config = config.loss.copy_and_resolve_references()
@@ -96,15 +102,8 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
                              config=loss_config)[0]
 
   key = jax.eval_shape(lambda: jax.random.key(0))
-  t0 = time.perf_counter()
-  lowered = jax.jit(jax.grad(loss_fn)).lower(trainable, frozen, batch_spec, key)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
   return dict(program=program, variant=variant, layout=layout, batch=batch,
-              lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
-              hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
-              platform=jax.devices()[0].platform)
+              **lower_and_compile(jax.jit(jax.grad(loss_fn)), (trainable, frozen, batch_spec, key)))
 
 
 def main(argv=None) -> int:
