@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from deris_jax import cli, compile_cache, forward
+from deris_jax import cli, compile_cache, cpu_options, forward
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.models.deform_attn import ms_deform_attn_core
@@ -124,10 +124,11 @@ def time_calls(call: Callable[[], object], *, warmup: int, steps: int,
   return float(np.median(times))
 
 
-def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None):
+def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None,
+                  compiler_options=None):
   """(compile seconds, median seconds per call, `compiled_stats`) of jitted `fn(*args)`."""
   t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile()
   compile_s = time.perf_counter() - t0
   step_s = time_calls(lambda: jax.block_until_ready(compiled(*args)), warmup=warmup,
                       steps=steps, profile=profile)
@@ -184,9 +185,10 @@ def _compat_multiple(model_config) -> int:
 
 
 def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
-  """Rows of the jitted forward, batch -> `compiled_stats` (for --max_batch), and the
-  multiple every batch must be."""
+  """Rows of the jitted forward (compiled as `inference.forward_fn` compiles it), batch ->
+  `compiled_stats` (for --max_batch), and the multiple every batch must be."""
   model = abstract_model(config.model)
+  options = cpu_options.compiler_options()
   graphdef, _ = nnx.split(model)
   params = random_params(params_lib.model_params(model))
 
@@ -197,13 +199,14 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   def compile_at(b):
     shapes = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype)
               for k, v in random_batch(config.model, 1).items()}
-    return compiled_stats(jax.jit(infer).lower(params, shapes).compile())
+    return compiled_stats(jax.jit(infer, compiler_options=options).lower(params, shapes).compile())
 
   rows = []
   for b in batches:
     batch = jax.device_put(random_batch(config.model, b))
     compile_s, step_s, stats = time_compiled(infer, (params, batch), warmup=args.warmup,
-                                             steps=args.steps, profile=args.profile)
+                                             steps=args.steps, profile=args.profile,
+                                             compiler_options=options)
     rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats))
   return rows, compile_at, _compat_multiple(config.model)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deris_jax import batch as batch_lib
+from deris_jax import cpu_options
 from deris_jax import forward
 
 Threshold = Union[float, jax.Array]
@@ -215,7 +216,8 @@ def model_inputs(batch: Mapping[str, Any]) -> Tuple[Any, ...]:
   return tuple(batch[k] for k in batch_lib.MODEL_INPUTS)
 
 
-_FORWARDS: List[Tuple[Any, Callable]] = []  # (graphdef, jitted forward); GraphDef is unhashable
+# (graphdef, compiler options, jitted forward); a list: GraphDef is unhashable.
+_FORWARDS: List[Tuple[Any, Any, Callable]] = []
 
 
 def forward_fn(graphdef) -> Callable:
@@ -225,17 +227,18 @@ def forward_fn(graphdef) -> Callable:
   params as `forward.apply` takes them) ->
   (pred_masks (B, N, H, W) f32, refer_logits (B, N, 2), existence_logit (B, 1)).
   """
-  for known, fn in _FORWARDS:
-    if known == graphdef:
+  options = cpu_options.compiler_options()
+  for known, known_options, fn in _FORWARDS:
+    if known == graphdef and known_options == options:
       return fn
 
-  @jax.jit
-  def fn(params, *inputs):
+  def forward_outputs(params, *inputs):
     batch = dict(zip(batch_lib.MODEL_INPUTS, inputs, strict=True))
     out = forward.apply(graphdef, params, batch)
     return out.pred_masks, out.refer_logits, out.existence_logit
 
-  _FORWARDS.append((graphdef, fn))
+  fn = jax.jit(forward_outputs, compiler_options=options)
+  _FORWARDS.append((graphdef, options, fn))
   return fn
 
 

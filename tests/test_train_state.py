@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deris_jax import cpu_options
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.config_loader import load_config
@@ -53,18 +54,23 @@ def test_unknown_init_mode_is_refused(trainer):
     state_lib.fresh_params(bad, seed=0)
 
 
-def test_one_jitted_step_per_program():
+def test_one_jitted_step_per_program(monkeypatch):
   """Trainers of the same program share one jitted step (compiled once per process); a
-  change the program reads (loss, schedule length, steps per epoch, model) gives another,
-  and a field it does not read (evaluation, checkpoints) does not."""
+  change the program reads (loss, schedule length, steps per epoch, model, XLA:CPU options)
+  gives another, and a field it does not read (evaluation, checkpoints) does not."""
   def step_of(*overrides, spe=9):
     config = load_config("configs/deris_micro.py", list(overrides))
     return step_lib.jit_train_step(
         state_lib.make_trainer(config, S.make_mesh(config.mesh), steps_per_epoch=spe))
 
+  monkeypatch.setenv(cpu_options.ENV, "off")
   first = step_of()
   assert step_of() is first
   assert step_of("train.checkpoint_every_steps=3", "train.max_steps=5") is first
+  monkeypatch.setenv(cpu_options.ENV, "on")
+  assert step_of() is not first
+  monkeypatch.setenv(cpu_options.ENV, "off")
+  assert step_of() is first
   for other in (step_of("loss.num_points=32"), step_of("train.epochs=7"), step_of(spe=10),
                 step_of("model.dtype=bfloat16")):
     assert other is not first

@@ -16,6 +16,7 @@ Rules the callers keep:
 - Intermediates for the parity check (`taps`) come out of the scan as stacked per-step values
   (`unstack_taps`), so the scanned program is checked against the official per-layer tensors.
 """
+import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -35,10 +36,7 @@ def step_keys(rngs: Optional[nnx.Rngs], shape: Tuple[int, ...], use: bool) -> ja
     return jnp.zeros(shape, jnp.uint32)
   if rngs is None:
     raise ValueError("drop path in training needs `rngs` with a 'dropout' stream")
-  n = 1
-  for s in shape:
-    n *= s
-  return jax.random.split(rngs.dropout(), n).reshape(shape)
+  return jax.random.split(rngs.dropout(), math.prod(shape)).reshape(shape)
 
 
 def scan_modules(groups: Sequence[Sequence[nnx.Module]], body: Callable, carry, xs=None, *,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from deris_jax import batch as batch_lib
+from deris_jax import cpu_options
 from deris_jax import forward
 from deris_jax import losses
 from deris_jax import sharding as S
@@ -88,12 +89,19 @@ _jitted_steps: "collections.OrderedDict[Hashable, Tuple[Any, Callable]]" = (
 
 def program_key(trainer: Trainer) -> Hashable:
   """What the train step's program depends on besides the model structure (`graphdef`,
-  compared apart: it is not hashable): trainers with equal keys and graphdefs build the same
-  program (the batch shapes are jit's own cache key)."""
+  compared apart: it is not hashable): config sections, schedule, mesh and the XLA:CPU options
+  (`deris_jax.cpu_options`). Trainers with equal keys and graphdefs build the same program
+  (the batch shapes are jit's own cache key)."""
   config = trainer.config
   sections = tuple(config[name].to_json_best_effort(sort_keys=True) if name in config else None
                    for name in PROGRAM_SECTIONS)
-  return (sections, int(config.train.epochs), trainer.steps_per_epoch, trainer.mesh)
+  options = _compiler_options(trainer)
+  return (sections, int(config.train.epochs), trainer.steps_per_epoch, trainer.mesh,
+          tuple(sorted(options.items())) if options else None)
+
+
+def _compiler_options(trainer: Trainer):
+  return cpu_options.compiler_options(trainer.mesh.devices.flat[0].platform)
 
 
 def jit_train_step(trainer: Trainer):
@@ -111,7 +119,7 @@ def jit_train_step(trainer: Trainer):
   jitted = jax.jit(train_step_fn(trainer),
                    in_shardings=(trainer.state_shardings, S.batch_sharding(trainer.mesh)),
                    out_shardings=(trainer.state_shardings, S.replicated(trainer.mesh)),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=_compiler_options(trainer))
   _jitted_steps[key] = (trainer.graphdef, jitted)
   while len(_jitted_steps) > MAX_JITTED_STEPS:
     _jitted_steps.popitem(last=False)
