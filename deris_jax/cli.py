@@ -16,7 +16,9 @@ given (`load`).
 
 Quiet means: absl / Python loggers at ERROR, third-party Python warnings off (ours stay),
 TensorFlow's C++ logs off (TF_CPP_MIN_LOG_LEVEL, effective because TensorFlow is imported
-after the arguments are parsed; a level the user exported is kept), `deris_jax` loggers at
+after the arguments are parsed; a level the user exported is kept, told apart from the '1'
+importing jax sets; the lines TensorFlow prints while it is imported, which that level does
+not reach, are dropped by `deris_jax.data.tf_modules`), `deris_jax` loggers at
 WARNING, and TFDS progress bars and its console prints off while a
 dataset is prepared (`deris_jax.data.prepare` asks `verbose()`).
 """
@@ -39,8 +41,27 @@ LIBRARY_LOGGERS = ("", "absl", "tensorflow", "jax", "jax._src", "orbax", "tensor
                    "httpx", "gradio")
 _LEVELS = {0: logging.ERROR, 1: logging.INFO}
 _verbosity = 0
+
+
+def _user_tf_cpp_level() -> Optional[str]:
+  """TF_CPP_MIN_LOG_LEVEL as the user exported it, or None. Importing jax sets it to '1' when
+  it is unset (and every command imports jax before this module), so the process's initial
+  environment is read where the system shows it (Linux); elsewhere a '1' next to an imported
+  jax counts as jax's."""
+  try:
+    with open("/proc/self/environ", "rb") as f:
+      initial = f.read().split(b"\0")
+  except OSError:
+    value = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    return None if value == "1" and "jax" in sys.modules else value
+  for item in initial:
+    if item.startswith(b"TF_CPP_MIN_LOG_LEVEL="):
+      return item.split(b"=", 1)[1].decode(errors="replace")
+  return None
+
+
 # TensorFlow's C++ log level as the user set it before we ran (theirs wins over --verbosity).
-_USER_TF_CPP_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+_USER_TF_CPP_LEVEL = _user_tf_cpp_level()
 
 
 class UsageError(ValueError):
@@ -142,6 +163,11 @@ def set_verbosity(level: int) -> None:
   if _verbosity <= 0:
     warnings.filterwarnings("ignore")  # the libraries' deprecations and notices
     warnings.filterwarnings("default", module=r"(deris_jax|configs)(\.|$)|__main__$")  # ours
+
+
+def user_tf_cpp_level() -> Optional[str]:
+  """TF_CPP_MIN_LOG_LEVEL as the user exported it (None when they did not)."""
+  return _USER_TF_CPP_LEVEL
 
 
 def verbose() -> bool:

@@ -3,6 +3,7 @@ import importlib
 import logging
 import os
 import pathlib
+import subprocess
 import sys
 import warnings
 
@@ -116,6 +117,19 @@ def test_a_tensorflow_log_level_the_user_exported_is_kept(monkeypatch):
   monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
   cli.set_verbosity(0)
   assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+
+
+@pytest.mark.parametrize("exported", [None, "1", "2"])
+def test_the_users_tensorflow_log_level_is_told_from_jaxs_default(exported):
+  """Importing jax sets TF_CPP_MIN_LOG_LEVEL=1 when it is unset; that is not the user's."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  if exported is not None:
+    env["TF_CPP_MIN_LOG_LEVEL"] = exported
+  code = ("import jax, os\nfrom deris_jax import cli\n"
+          "print(cli.user_tf_cpp_level(), os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1],
+                       env=env, capture_output=True, text=True, check=True).stdout.split()
+  assert out == [str(exported), exported or "1"]
 
 
 def test_verbosity_zero_silences_the_libraries_but_not_us():

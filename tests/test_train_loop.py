@@ -370,8 +370,10 @@ OUR_LINE = re.compile("|".join([
 
 
 def _run_train_py(args, timeout=600):
+  env = _subprocess_env()
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it (conftest sets it)
   return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                        env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
+                        env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow  # a subprocess or several processes

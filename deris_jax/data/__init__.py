@@ -1,7 +1,8 @@
 """Data: TFDS builders (RefCOCO/+/g, gRefCOCO, synthetic), the tf.data pipeline, tokenizer, NSC.
 
 Importing this package imports nothing heavy; TensorFlow is only imported by the modules that
-need it (builders, pipeline), and only inside this package.
+need it (builders, pipeline), and only inside this package, through `tf_modules` (one quiet
+import).
 
   entries, deris_format, refer_format   annotation files -> validated entries
   masks                                 COCO polygons / RLE, decoded by pycocotools
@@ -11,4 +12,5 @@ need it (builders, pipeline), and only inside this package.
   order                                 which rows each batch holds (sampler, file order; numpy)
   pipeline_ops, pipeline                tf.data: `pipeline.make_pipeline` (the batch contract)
   prepare                               `python -m deris_jax.data.prepare`
+  tf_modules                            TensorFlow and TFDS, imported quietly
 """

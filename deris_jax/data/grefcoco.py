@@ -3,7 +3,7 @@
 Configs: `deris` reads the DeRIS file, `refer` the original gRefCOCO files; both give the same
 examples. Splits `train`, `val`, `testA`, `testB`, one entry per sentence.
 """
-import tensorflow_datasets as tfds
+from deris_jax.data.tf_modules import tfds
 
 from deris_jax.data import deris_format
 from deris_jax.data import refer_format

@@ -24,7 +24,7 @@ import collections
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
+from deris_jax.data.tf_modules import tf
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,7 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from deris_jax.data.tf_modules import tf, tfds
 
 from deris_jax.data import nsc as nsc_lib
 from deris_jax.data import order as order_lib

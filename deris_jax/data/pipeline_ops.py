@@ -10,7 +10,7 @@ Matches the official preprocessing (docs/design.md §8) as closely as TF allows:
   exact formula reproduces cv2 on all sizes checked, integer arithmetic does not).
 - Normalize: (x - mean) / std on 0-255 RGB for both images.
 """
-import tensorflow as tf
+from deris_jax.data.tf_modules import tf
 
 
 def decode_image(data: tf.Tensor) -> tf.Tensor:

@@ -22,7 +22,7 @@ from deris_jax import cli
 if "tensorflow" not in sys.modules:  # quiet until the arguments say otherwise (deris_jax.cli)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+from deris_jax.data.tf_modules import tfds  # pylint: disable=g-import-not-at-top
 
 from deris_jax.data import entries as E  # pylint: disable=g-import-not-at-top
 from deris_jax.data import locations  # pylint: disable=g-import-not-at-top

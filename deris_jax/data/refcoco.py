@@ -6,7 +6,7 @@ with all its sentences) and the evaluation splits `val_refcoco_unc`, `testA_refc
 `testB_refcoco_unc`, `val_refcocoplus_unc`, `testA_refcocoplus_unc`, `testB_refcocoplus_unc`,
 `val_refcocog_umd`, `test_refcocog_umd` (one entry per sentence).
 """
-import tensorflow_datasets as tfds
+from deris_jax.data.tf_modules import tfds
 
 from deris_jax.data import deris_format
 from deris_jax.data import refer_format

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from deris_jax.data.tf_modules import tf, tfds
 
 from deris_jax import cli
 from deris_jax.data import entries as E

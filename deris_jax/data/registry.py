@@ -1,5 +1,5 @@
 """Name -> TFDS builder class, and opening a prepared dataset with a clear error if it is not."""
-import tensorflow_datasets as tfds
+from deris_jax.data.tf_modules import tfds
 
 from deris_jax.data import grefcoco
 from deris_jax.data import locations

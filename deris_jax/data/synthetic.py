@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 import PIL.Image
-import tensorflow_datasets as tfds
+from deris_jax.data.tf_modules import tfds
 
 from deris_jax.data import entries as E
 from deris_jax.data import masks as M
