@@ -7,8 +7,9 @@ For each released variant (configs/deris.py:variant=V,data=refcoco) and layout, 
 subprocess lowers and compiles, on abstract parameters and batch (`jax.ShapeDtypeStruct`s:
 nothing is allocated), one program and prints one line: lowering seconds, compile seconds,
 optimised HLO instructions. Programs:
-  grad  `jax.grad` of the training loss (forward with train=True, the official loss,
-        gradients of the trainable parameters; the frozen Swin gets none, as in training);
+  grad  `jax.grad` of the training loss (`step.make_loss_fn`: forward with train=True, the
+        official loss; gradients of the trainable parameters, the frozen Swin gets none, as
+        in training), compiled with the train step's XLA:CPU options (`cpu_options`);
   step  the jitted train step of train.py (the gradient, clipping, Adam, the new state), one
         device, as `train.py --dry_run` compiles it.
 Layouts:
@@ -47,12 +48,11 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   import dataclasses
 
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   from configs import deris as deris_config
   from deris_jax import batch as batch_lib
-  from deris_jax import forward, losses
+  from deris_jax import cpu_options
   from deris_jax import sharding as S
   from deris_jax.models.deris import abstract_model
   from deris_jax.train import dry_run
@@ -69,41 +69,25 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
     model.pixel_decoder.scan = False
   graphdef, params = nnx.split(model)  # the parameters are the same in every layout
 
+  config.data.batch_size = batch
+  config.data.official_world_size = 1  # the loss's, linked: any batch
+  mesh = S.make_mesh(config.mesh, jax.devices()[:1])
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1)
+  trainer = dataclasses.replace(trainer, graphdef=graphdef)
+  batch_spec = batch_lib.abstract(config.data, batch, S.batch_sharding(mesh))
+  row = dict(program=program, variant=variant, layout=layout, batch=batch)
   if program == "step":
-    config.data.batch_size = batch
-    config.data.official_world_size = 1  # the loss's, linked: any batch
-    mesh = S.make_mesh(config.mesh, jax.devices()[:1])
-    trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1)
-    trainer = dataclasses.replace(trainer, graphdef=graphdef)
-    args = (dry_run.abstract_state(trainer),
-            batch_lib.abstract(config.data, batch, S.batch_sharding(mesh)))
-    return dict(program=program, variant=variant, layout=layout, batch=batch,
-                **lower_and_compile(step_lib.jit_train_step(trainer), args))
+    return dict(row, **lower_and_compile(step_lib.jit_train_step(trainer),
+                                         (dry_run.abstract_state(trainer), batch_spec)))
 
+  # The training loss as the step computes it (`step.make_loss_fn`), compiled with the step's
+  # XLA options; its gradient in the trainable parameters only.
   trainable, frozen = params_lib.split_frozen(nnx.to_pure_dict(params), config.optimizer.frozen)
-  loss_config = config.loss.copy_and_resolve_references()
-  loss_config.official_world_size = 1  # any batch
-  m = config.model
-  (h, w), (hm, wm) = m.image_size, m.cognition_image_size
-  sds = jax.ShapeDtypeStruct
-  batch_spec = dict(
-      image=sds((batch, h, w, 3), jnp.float32), image_mini=sds((batch, hm, wm, 3), jnp.float32),
-      text_ids=sds((batch, m.max_tokens), jnp.int32),
-      text_padding_mask=sds((batch, m.max_tokens), jnp.bool_),
-      gt_masks=sds((batch, 1, h, w), jnp.uint8), gt_valid=sds((batch, 1), jnp.bool_),
-      exists=sds((batch,), jnp.int32), weight=sds((batch,), jnp.float32))
-
-  def loss_fn(trainable, frozen, batch, key):
-    dropout_key, loss_key = jax.random.split(key)
-    out = forward.apply(graphdef, trainable, batch, frozen=frozen, train=True,
-                        dropout_key=dropout_key)
-    targets = {k: batch[k] for k in ("gt_masks", "gt_valid", "exists", "weight")}
-    return losses.deris_loss(step_lib.model_loss_inputs(out), targets, loss_key,
-                             config=loss_config)[0]
-
+  loss_fn = step_lib.make_loss_fn(trainer)
+  grad = jax.jit(jax.grad(lambda *a: loss_fn(*a)[0]),
+                 compiler_options=cpu_options.compiler_options(mesh.devices.flat[0].platform))
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return dict(program=program, variant=variant, layout=layout, batch=batch,
-              **lower_and_compile(jax.jit(jax.grad(loss_fn)), (trainable, frozen, batch_spec, key)))
+  return dict(row, **lower_and_compile(grad, (trainable, frozen, batch_spec, key)))
 
 
 def main(argv=None) -> int:
