@@ -18,16 +18,11 @@ import os
 import sys
 
 from deris_jax import cli
-
-if "tensorflow" not in sys.modules:  # quiet until the arguments say otherwise (deris_jax.cli)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from deris_jax.data.tf_modules import tfds  # pylint: disable=g-import-not-at-top
-
-from deris_jax.data import entries as E  # pylint: disable=g-import-not-at-top
-from deris_jax.data import locations  # pylint: disable=g-import-not-at-top
-from deris_jax.data import referring_builder  # pylint: disable=g-import-not-at-top
-from deris_jax.data import registry  # pylint: disable=g-import-not-at-top
+from deris_jax.data import entries as E
+from deris_jax.data import locations
+from deris_jax.data import referring_builder
+from deris_jax.data import registry
+from deris_jax.data.tf_modules import tfds  # quiet until the arguments say otherwise
 
 # --dataset value -> (builder name, builder configs allowed, default config)
 DATASETS = {
