@@ -13,9 +13,10 @@ optimised program, FLOPs per image from XLA's cost analysis and, with `--peak_tf
 model FLOP utilisation. `--profile DIR` writes a TensorBoard trace of the timed steps.
 `--max_batch` also prints the largest batch whose program fits the device memory (or
 `--memory_gib`), from XLA's memory analysis: a line through the measured batches, confirmed
-by compiling the predicted batch. Parameters are random (`random_params`: made on the
-device in seconds, where the official initialisers take ~20 s for DeRIS-B and ~50 s for
-DeRIS-L on a host core); the numbers do not depend on their values.
+by compiling the predicted batch. Parameters are random (`random_params`: drawn on the host in
+seconds, where the official initialisers take ~20 s for DeRIS-B and ~50 s for DeRIS-L on a host
+core); the numbers do not depend on their values. Progress lines with elapsed seconds go to
+stderr, so a run cut short by a time limit says where its time went.
 """
 import argparse
 import functools
@@ -40,6 +41,14 @@ from deris_jax.models.deris import abstract_model
 from deris_jax.train import params as params_lib
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
+
+
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+  """One progress line on stderr with the seconds since the start."""
+  print(f"[bench {time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def peak_memory_bytes() -> int:
@@ -130,6 +139,7 @@ def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str =
   t0 = time.perf_counter()
   compiled = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile()
   compile_s = time.perf_counter() - t0
+  progress(f"compiled in {compile_s:.1f} s")
   step_s = time_calls(lambda: jax.block_until_ready(compiled(*args)), warmup=warmup,
                       steps=steps, profile=profile)
   return compile_s, step_s, compiled_stats(compiled)
@@ -137,22 +147,19 @@ def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str =
 
 def random_params(abstract_params, shardings=None, seed: int = 0):
   """Random parameters shaped like `abstract_params` (a pure dict of ShapeDtypeStructs), placed
-  into `shardings`: N(0, 0.02), and 1 + N(0, 0.02) for normalisation scales, so activations
-  keep a realistic scale. One small program per distinct leaf shape (one program for all
-  ~1500 leaves took 2 min to compile for DeRIS-B and 4 min for DeRIS-L on a 2-core CPU)."""
+  into `shardings` (default: the default device): N(0, 0.02), and 1 + N(0, 0.02) for
+  normalisation scales, so activations keep a realistic scale. Drawn by numpy on the host
+  (DeRIS-B's 291M values in a few seconds) and copied once: no program to compile. Drawing them
+  on the device took one small program per leaf shape, 21 s for DeRIS-B on a 2-core CPU and
+  more than the whole entry's time limit on an H200, where every small compile costs more."""
+  rng = np.random.default_rng(seed)
   names = list(trees.named_leaves(abstract_params))
   leaves, treedef = jax.tree.flatten(abstract_params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  values = [_random_leaf(key, tuple(leaf.shape), jnp.dtype(leaf.dtype),
-                         float(name.endswith("scale")))
-            for name, key, leaf in zip(names, keys, leaves)]
+  values = [(float(name.endswith("scale")) + 0.02 * rng.standard_normal(
+      tuple(leaf.shape), np.float32)).astype(jnp.dtype(leaf.dtype))
+            for name, leaf in zip(names, leaves)]
   tree = jax.tree.unflatten(treedef, values)
-  return tree if shardings is None else jax.device_put(tree, shardings)
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "offset"))
-def _random_leaf(key, shape, dtype, offset):
-  return (offset + 0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  return jax.device_put(tree, shardings)
 
 
 def random_batch(model_config, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -191,6 +198,7 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   options = cpu_options.compiler_options()
   graphdef, _ = nnx.split(model)
   params = random_params(params_lib.model_params(model))
+  progress("model and random parameters ready")
 
   def infer(params, batch):
     out = forward.apply(graphdef, params, batch)
@@ -208,6 +216,7 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
                                              steps=args.steps, profile=args.profile,
                                              compiler_options=options)
     rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats))
+    progress(f"batch {b}: {1e3 * step_s:.2f} ms per call")
   return rows, compile_at, _compat_multiple(config.model)
 
 
@@ -240,6 +249,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
       trainer.abstract_state.params, trainer.state_shardings.params))
   num_targets = config.data.max_instances if "data" in config else 1
   train_step = step_lib.jit_train_step(trainer)
+  progress("train state with random parameters ready")
 
   def host_batch(b):
     return dict(random_batch(config.model, b),
@@ -256,6 +266,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    progress(f"batch {b}: compiled in {compile_s:.1f} s")
     stats = compiled_stats(compiled)
     carry = {"state": state}
 
@@ -264,6 +275,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
       jax.block_until_ready(carry["metrics"])
 
     step_s = time_calls(one_step, warmup=args.warmup, steps=args.steps, profile=args.profile)
+    progress(f"batch {b}: {1e3 * step_s:.2f} ms per step")
     state, metrics = carry["state"], carry["metrics"]
     row = _row("train", b, config.model.dtype, compile_s, step_s, stats,
                devices=mesh.size)  # cost analysis is per device program
@@ -298,12 +310,22 @@ def bench_deform(args) -> List[dict]:
   return rows
 
 
-def print_rows(rows: List[dict]) -> None:
+def print_device() -> None:
   device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
+        flush=True)
+
+
+def print_rows(rows: List[dict]) -> None:
   for row in rows:
     print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in row.items()))
+                    for k, v in row.items()), flush=True)
+
+
+def write_rows(rows: List[dict], path: str) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=1)
 
 
 BENCHES = {"infer": bench_infer, "train": bench_train}
@@ -358,17 +380,22 @@ def main(argv=None) -> int:
     if args.peak_tflops:
       for row in rows:
         row["mfu"] = row["gflops_per_image"] * row["images_per_s"] / (args.peak_tflops * 1e3)
-    if args.max_batch:
+    if args.max_batch:  # the measured rows first: a search cut short by a time limit keeps them
       limit = args.memory_gib * 2**30 if args.memory_gib else device_memory_limit()
       if np.isnan(limit):
         parser.error("--max_batch: the device reports no memory limit; pass --memory_gib")
+      print_device()
+      print_rows(rows)
+      write_rows(rows, args.json)
       found = largest_batch(compile_at, {r["batch"]: r["xla_mem_gib"] * 2**30 for r in rows},
                             limit, multiple)
       rows.append(dict(mode=f"{args.mode} max batch", **found))
+      print_rows(rows[-1:])
+      write_rows(rows, args.json)
+      return 0
+  print_device()
   print_rows(rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
+  write_rows(rows, args.json)
   return 0
 
 

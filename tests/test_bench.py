@@ -1,0 +1,85 @@
+"""bench.py's helpers (random parameters, the largest-batch search, the output of a run cut
+short) and tools/gpu_bench.sh's part selection; the benchmarks themselves are not tests."""
+import json
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "configs" / "deris_micro.py")
+
+
+def _abstract():
+  return {"encoder": {"norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32),
+                               "bias": jax.ShapeDtypeStruct((8,), jnp.float32)},
+                      "kernel": jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)}}
+
+
+def test_random_params_follow_the_abstract_tree(caplog):
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    params = bench.random_params(_abstract())
+  # drawn on the host: no program per leaf shape (compiling them outran the H200's time limit)
+  assert not [r for r in caplog.records if "ompil" in r.getMessage()], caplog.text
+  assert jax.tree.structure(params) == jax.tree.structure(_abstract())
+  kernel = np.asarray(params["encoder"]["kernel"], np.float32)
+  assert params["encoder"]["kernel"].dtype == jnp.bfloat16 and kernel.shape == (64, 32)
+  assert abs(kernel.mean()) < 0.005 and 0.017 < kernel.std() < 0.023  # N(0, 0.02)
+  scale = np.asarray(params["encoder"]["norm"]["scale"])
+  assert np.all(np.abs(scale - 1) < 0.1) and not np.all(scale == 1)  # 1 + N(0, 0.02)
+  bias = np.asarray(params["encoder"]["norm"]["bias"])
+  assert np.all(np.abs(bias) < 0.1) and not np.all(bias == 0)
+  again = bench.random_params(_abstract())
+  other = bench.random_params(_abstract(), seed=1)
+  assert np.array_equal(np.asarray(again["encoder"]["kernel"], np.float32), kernel)
+  assert not np.array_equal(np.asarray(other["encoder"]["kernel"], np.float32), kernel)
+
+
+def test_random_params_are_placed_into_the_shardings():
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ("fsdp",))
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), _abstract())
+  shardings["encoder"]["kernel"] = NamedSharding(mesh, PartitionSpec("fsdp"))
+  params = bench.random_params(_abstract(), shardings)
+  assert params["encoder"]["kernel"].sharding == shardings["encoder"]["kernel"]
+  assert params["encoder"]["kernel"].addressable_shards[0].data.shape == (32, 32)
+
+
+def test_largest_batch_fits_an_affine_memory():
+  compiled = []
+
+  def compile_at(batch):  # 100 bytes per sample on 1000 fixed, as XLA's analysis would say
+    compiled.append(batch)
+    return {"mem_bytes": 1000.0 + 100.0 * batch}
+
+  found = bench.largest_batch(compile_at, {4: 1400.0}, limit_bytes=5000.0, multiple=4)
+  assert found["max_batch"] == 40 and found["bytes_at_max"] == 5000.0
+  assert found["bytes_per_sample"] == 100.0 and compiled == [8, 40]
+
+
+def test_max_batch_keeps_the_measured_rows_when_the_search_is_cut_short(tmp_path, monkeypatch):
+  row = dict(mode="infer", batch=2, step_ms=1.0, xla_mem_gib=0.5)
+  monkeypatch.setitem(bench.BENCHES, "infer", lambda config, batches, args: ([dict(row)],
+                                                                               None, 1))
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # what a time limit's signal does to the search
+  monkeypatch.setattr(bench, "largest_batch", interrupted)
+  out = tmp_path / "rows.json"
+  with pytest.raises(KeyboardInterrupt):
+    bench.main(["--config", MICRO, "--max_batch", "--memory_gib", "1", "--json", str(out)])
+  assert json.loads(out.read_text()) == [row]
+
+
+def test_gpu_bench_refuses_an_unknown_part_before_it_starts(tmp_path):
+  script = ROOT / "tools" / "gpu_bench.sh"
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  proc = subprocess.run(["bash", str(script), "5"], cwd=tmp_path, capture_output=True, text=True,
+                        env={"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "out")})
+  assert proc.returncode == 2 and "unknown part '5'" in proc.stderr
+  assert not (tmp_path / "out").exists()
