@@ -19,7 +19,6 @@ core); the numbers do not depend on their values. Progress lines with elapsed se
 stderr, so a run cut short by a time limit says where its time went.
 """
 import argparse
-import functools
 import json
 import math
 import resource
@@ -33,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from deris_jax import cli, compile_cache, cpu_options, forward
+from deris_jax import cli, compile_cache, inference
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.models.deform_attn import ms_deform_attn_core
@@ -133,11 +132,12 @@ def time_calls(call: Callable[[], object], *, warmup: int, steps: int,
   return float(np.median(times))
 
 
-def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None,
-                  compiler_options=None):
-  """(compile seconds, median seconds per call, `compiled_stats`) of jitted `fn(*args)`."""
+def time_compiled(fn: Callable, args, *, warmup: int, steps: int, profile: str = None):
+  """(compile seconds, median seconds per call, `compiled_stats`) of `fn(*args)`, `fn` jitted
+  (a plain function is jitted here)."""
   t0 = time.perf_counter()
-  compiled = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile()
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   progress(f"compiled in {compile_s:.1f} s")
   step_s = time_calls(lambda: jax.block_until_ready(compiled(*args)), warmup=warmup,
@@ -192,29 +192,26 @@ def _compat_multiple(model_config) -> int:
 
 
 def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
-  """Rows of the jitted forward (compiled as `inference.forward_fn` compiles it), batch ->
-  `compiled_stats` (for --max_batch), and the multiple every batch must be."""
+  """Rows of the jitted forward (`inference.forward_fn`, as eval, predict and the demo run
+  it), batch -> `compiled_stats` (for --max_batch), and the multiple every batch must be."""
   model = abstract_model(config.model)
-  options = cpu_options.compiler_options()
   graphdef, _ = nnx.split(model)
   params = random_params(params_lib.model_params(model))
+  forward_outputs = inference.forward_fn(graphdef)
   progress("model and random parameters ready")
 
-  def infer(params, batch):
-    out = forward.apply(graphdef, params, batch)
-    return out.pred_masks, out.refer_logits, out.existence_logit
+  def inputs(b):  # (params, image, image_mini, text_ids, text_padding_mask), forward_fn's order
+    return (params,) + jax.device_put(inference.model_inputs(random_batch(config.model, b)))
 
   def compile_at(b):
-    shapes = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype)
-              for k, v in random_batch(config.model, 1).items()}
-    return compiled_stats(jax.jit(infer, compiler_options=options).lower(params, shapes).compile())
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
+                          inputs(1)[1:])
+    return compiled_stats(forward_outputs.lower(params, *shapes).compile())
 
   rows = []
   for b in batches:
-    batch = jax.device_put(random_batch(config.model, b))
-    compile_s, step_s, stats = time_compiled(infer, (params, batch), warmup=args.warmup,
-                                             steps=args.steps, profile=args.profile,
-                                             compiler_options=options)
+    compile_s, step_s, stats = time_compiled(forward_outputs, inputs(b), warmup=args.warmup,
+                                             steps=args.steps, profile=args.profile)
     rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats))
     progress(f"batch {b}: {1e3 * step_s:.2f} ms per call")
   return rows, compile_at, _compat_multiple(config.model)

@@ -3,10 +3,9 @@
 TensorFlow prints C++ lines while it is imported ("oneDNN custom operations are on", on CPUs
 where oneDNN is on), before absl's log is set up, so TF_CPP_MIN_LOG_LEVEL does not reach them.
 In quiet mode (`deris_jax.cli`: --verbosity 0, the default) the import runs with the process's
-stderr (file descriptor 2) sent to /dev/null, and TF_CPP_MIN_LOG_LEVEL at 3 unless the user
-exported one; with --verbosity 1 or more, or
-TF_CPP_MIN_LOG_LEVEL=0 exported, it prints what it prints. A Python error of the import is
-raised as usual.
+stderr (file descriptor 2) sent to /dev/null, and with TF_CPP_MIN_LOG_LEVEL at 3 unless the
+user exported one. With --verbosity 1 or more, or TF_CPP_MIN_LOG_LEVEL=0 exported, it prints
+what it prints. A Python error of the import is raised as usual.
 
   from deris_jax.data.tf_modules import tf, tfds
 """
@@ -36,9 +35,10 @@ def _quiet() -> bool:
       cli.user_tf_cpp_level() != "0")
 
 
-if _quiet() and cli.user_tf_cpp_level() is None:
+_QUIET = _quiet()
+if _QUIET and cli.user_tf_cpp_level() is None:
   os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TF's later C++ logs too (read at its import)
-with _stderr_to_devnull() if _quiet() else contextlib.nullcontext():
+with _stderr_to_devnull() if _QUIET else contextlib.nullcontext():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
