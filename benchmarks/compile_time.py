@@ -55,7 +55,6 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   from deris_jax import cpu_options
   from deris_jax import sharding as S
   from deris_jax.models.deris import abstract_model
-  from deris_jax.train import dry_run
   from deris_jax.train import params as params_lib
   from deris_jax.train import state as state_lib
   from deris_jax.train import step as step_lib
@@ -78,7 +77,7 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   row = dict(program=program, variant=variant, layout=layout, batch=batch)
   if program == "step":
     return dict(row, **lower_and_compile(step_lib.jit_train_step(trainer),
-                                         (dry_run.abstract_state(trainer), batch_spec)))
+                                         (trainer.sharded_abstract_state(), batch_spec)))
 
   # The training loss as the step computes it (`step.make_loss_fn`), compiled with the step's
   # XLA options; its gradient in the trainable parameters only.

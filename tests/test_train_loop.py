@@ -14,6 +14,7 @@ predict.py read it with `--which best`.
 """
 import importlib
 import json
+import logging
 import os
 import pathlib
 import re
@@ -36,6 +37,7 @@ from deris_jax.data import prepare
 from deris_jax.train import checkpointing
 from deris_jax.train import loop
 from deris_jax.train import state as state_lib
+from deris_jax.train import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 11  # crosses the epoch boundary (9 steps per epoch)
@@ -69,12 +71,38 @@ def setup(tmp_path_factory):
 EVAL_EVERY = 4  # the uninterrupted run also evaluates the val split at steps 4, 8 (and 11)
 
 
+class _JaxLogs(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
   workdir = setup["root"] / "uninterrupted"
   config = _micro_config(setup["data_dir"], f"train.eval_every_steps={EVAL_EVERY}")
-  result = loop.train(config, workdir, init_from=str(setup["init_dir"]))
-  return dict(workdir=workdir, result=result, config=config)
+  first_step_logs = _JaxLogs()
+  run_step = loop._Run.step  # pylint: disable=protected-access
+
+  def step(self, train_step, batch, *, first, **kwargs):  # JAX's logs of the first step's call
+    if not first:
+      return run_step(self, train_step, batch, first=first, **kwargs)
+    logging.getLogger("jax").addHandler(first_step_logs)
+    try:
+      with jax.log_compiles():
+        return run_step(self, train_step, batch, first=first, **kwargs)
+    finally:
+      logging.getLogger("jax").removeHandler(first_step_logs)
+
+  step_lib._jitted_steps.clear()  # pylint: disable=protected-access  (a step no test traced)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop._Run, "step", step)  # pylint: disable=protected-access
+    result = loop.train(config, workdir, init_from=str(setup["init_dir"]))
+  return dict(workdir=workdir, result=result, config=config,
+              first_step_logs=first_step_logs.messages)
 
 
 def test_uninterrupted_run(uninterrupted):
@@ -86,6 +114,13 @@ def test_uninterrupted_run(uninterrupted):
   # checkpoint_every_steps=4, plus the final step
   assert checkpointing.Checkpointer(uninterrupted["workdir"] / "checkpoints", keep=3,
                                     async_save=False).all_steps() == [4, 8, 11]
+
+
+def test_the_first_step_runs_the_program_compiled_beside_the_state(uninterrupted):
+  # step.Precompile traced, lowered and compiled it from the abstract state and batch: the
+  # loop's first call neither traces nor compiles again (same shapes, dtypes and shardings).
+  assert not [m for m in uninterrupted["first_step_logs"] if "step" in m], (
+      uninterrupted["first_step_logs"])
 
 
 def _new_best_steps(text):
@@ -360,7 +395,8 @@ OUR_LINE = re.compile("|".join([
     r"mesh \{.*\} over \d+ devices \(\w+\), \d+ process\(es\); .*",
     r"resumed from step \d+ .*",
     r"state ready in [\d.]+s",
-    r"first step \(compile \+ run\) [\dms.]+",
+    r"first step \(compile \+ run\) [\dms.]+(, [\dms.]+ of it after the state and the input "
+    r"were ready)?",
     r"step \d+/\d+  loss [\d.]+  .*",
     r"eval step \d+ \[\w+\] tau [\d.]+  .*",
     r"new best .*: wrote \S+",

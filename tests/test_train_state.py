@@ -1,8 +1,10 @@
 """Initial train state (host-drawn parameters have the model's tree and follow the seed) and
 one jitted train step per program."""
 import dataclasses
+import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -81,3 +83,32 @@ def test_one_jitted_step_per_program(monkeypatch):
   scanned, _ = nnx.split(abstract_model(config.model))
   assert step_lib.jit_train_step(dataclasses.replace(trainer, graphdef=scanned)) is not (
       step_lib.jit_train_step(trainer))
+
+
+class _FakeTrainer:
+  """What `step.Precompile` reads of a Trainer: the sharded abstract state."""
+
+  def __init__(self, sharding):
+    self.sharding = sharding
+
+  def sharded_abstract_state(self):
+    return jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=self.sharding)
+
+
+def test_precompile_fills_the_call_path_and_reraises_a_compile_error(monkeypatch, caplog):
+  sharding = S.replicated(S.data_mesh(jax.devices()[:1]))
+  jitted = jax.jit(lambda s, b: (s + b["x"][0], b["x"].sum()),  # s (4, 4) + row (4,)
+                   in_shardings=(sharding, sharding), out_shardings=(sharding, sharding),
+                   donate_argnums=(0,))
+  monkeypatch.setattr(step_lib, "jit_train_step", lambda trainer: jitted)
+  batch = {"x": jax.ShapeDtypeStruct((2, 4), jnp.float32, sharding=sharding)}
+  assert step_lib.Precompile(_FakeTrainer(sharding), batch).wait() is jitted
+  state, x = jax.device_put((np.zeros((4, 4), np.float32), np.ones((2, 4), np.float32)),
+                            sharding)
+  with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
+    state, total = jitted(state, {"x": x})
+  assert not [r for r in caplog.records if "lambda" in r.getMessage()], caplog.text  # no trace,
+  assert float(total) == 8.0 and float(state[0, 0]) == 1.0  # no lowering, no compile: just runs
+  wrong = {"x": jax.ShapeDtypeStruct((2, 5), jnp.float32, sharding=sharding)}  # (4, 4) + (5,)
+  with pytest.raises((TypeError, ValueError), match="ncompatible shapes for broadcasting"):
+    step_lib.Precompile(_FakeTrainer(sharding), wrong).wait()

@@ -172,12 +172,6 @@ def check_batch_divides(global_batch: int, mesh: jax.sharding.Mesh, field: str) 
   return global_batch // n
 
 
-def abstract_state(trainer: state_lib.Trainer) -> state_lib.TrainState:
-  """The train state as ShapeDtypeStructs carrying the state's shardings."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      trainer.abstract_state, trainer.state_shardings)
-
-
 def _elements(tree) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -294,7 +288,7 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
     stage = "train step"
     batch = batch_lib.abstract(config.data, report.global_batch, S.batch_sharding(mesh))
     report.programs.append(_lower(
-        stage, step_lib.jit_train_step(trainer), (abstract_state(trainer), batch),
+        stage, step_lib.jit_train_step(trainer), (trainer.sharded_abstract_state(), batch),
         report.global_batch, {k: v.shape for k, v in batch.items()}, compile, progress))
 
     if settings is not None:
@@ -311,7 +305,8 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
 
       stage = "eval forward"
       forward = _lower(stage, inference.forward_fn(trainer.graphdef),  # as the loop calls it
-                       (abstract_state(trainer).params, *inference.model_inputs(inputs)),
+                       (trainer.sharded_abstract_state().params,
+                        *inference.model_inputs(inputs)),
                        b, {k: v.shape for k, v in inputs.items()}, compile, progress)
       report.programs.append(forward)
 

@@ -52,6 +52,11 @@ class Trainer:
     """(trainable, frozen) parameter trees."""
     return params_lib.split_frozen(params, self.frozen_patterns)
 
+  def sharded_abstract_state(self) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying the state's shardings."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
 
 def frozen_patterns(config: mlc.ConfigDict) -> tuple:
   """The `optimizer.frozen` regexes, checked against `model.freeze_swin`."""

@@ -16,9 +16,14 @@ Swin keeps no activations for the backward at all).
 `jit_train_step` hands out one jitted step per program (`program_key`) and process: a second
 run of the same program in the same process (a resumed or repeated run, a sweep in a notebook,
 the tests) reuses the compiled executable instead of tracing, lowering and compiling again.
+`Precompile` traces, lowers and compiles (or loads from the persistent cache) that step in a
+background thread from the abstract state and batch, while the loop initialises or restores
+the state and starts the input pipeline; the first call then finds it compiled.
 """
 import collections
 import dataclasses
+import threading
+import time
 from typing import Any, Callable, Dict, Hashable, Tuple
 
 import jax
@@ -124,3 +129,37 @@ def jit_train_step(trainer: Trainer):
   while len(_jitted_steps) > MAX_JITTED_STEPS:
     _jitted_steps.popitem(last=False)
   return jitted
+
+
+class Precompile:
+  """The jitted step of `trainer` lowered and compiled in a background thread.
+
+  `jit_train_step(trainer).lower(abstract state, batch).compile()` fills jax's caches of that
+  jitted function (trace, lowering, executable), so its first call on arrays of the same shapes
+  and shardings runs the compiled program. Start it before the state and the input pipeline
+  are built (XLA compiles and loads executables without holding Python's lock) and `wait()`
+  before the first call: a call while it is still running would compile a second time.
+  `wait()` re-raises what the compile raised (a shape error, say), as the first call would.
+  """
+
+  def __init__(self, trainer: Trainer, batch: Dict[str, jax.ShapeDtypeStruct]):
+    self.step = jit_train_step(trainer)
+    self.started = time.perf_counter()
+    self._error = None
+    # A daemon: a run that fails before the first step does not wait for a compile at exit.
+    self._thread = threading.Thread(target=self._compile, name="deris-precompile-step",
+                                    args=(trainer.sharded_abstract_state(), batch), daemon=True)
+    self._thread.start()
+
+  def _compile(self, state, batch) -> None:
+    try:
+      self.step.lower(state, batch).compile()
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised by wait())
+      self._error = e
+
+  def wait(self) -> Callable:
+    """Blocks until the compile ends; returns the jitted step (raises the compile's error)."""
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self.step
