@@ -2,6 +2,10 @@
 one jitted train step per program."""
 import dataclasses
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,8 @@ from deris_jax.config_loader import load_config
 from deris_jax.models.deris import abstract_model
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +118,40 @@ def test_precompile_fills_the_call_path_and_reraises_a_compile_error(monkeypatch
   wrong = {"x": jax.ShapeDtypeStruct((2, 5), jnp.float32, sharding=sharding)}  # (4, 4) + (5,)
   with pytest.raises((TypeError, ValueError), match="ncompatible shapes for broadcasting"):
     step_lib.Precompile(_FakeTrainer(sharding), wrong).wait()
+
+
+_EXIT_DURING_PRECOMPILE = """
+import sys, time
+import jax, jax.numpy as jnp
+from deris_jax import sharding as S
+from deris_jax.train import step as step_lib
+sharding = S.replicated(S.data_mesh(jax.devices()[:1]))
+
+def slow(s, b):  # ~4 s of XLA compile
+  for i in range(400):
+    s = jnp.sin(s @ s) * (i + 1.0) + b["x"]
+  return s, s.sum()
+
+step_lib.jit_train_step = lambda trainer: jax.jit(
+    slow, in_shardings=(sharding, sharding), out_shardings=(sharding, sharding))
+
+class Trainer:
+  def sharded_abstract_state(self):
+    return jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=sharding)
+
+step_lib.Precompile(Trainer(), {"x": Trainer().sharded_abstract_state()})
+time.sleep(1.0)  # the thread is inside XLA's compile now
+raise SystemExit("error: a problem found before the first step")
+"""
+
+
+@pytest.mark.slow  # a subprocess or several processes
+def test_an_error_during_the_precompile_exits_cleanly():
+  # An error before the first step (bad data, say) ends the process with its own message and
+  # status once the compile ends; a daemon thread inside XLA at exit would abort the process.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
+  proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_PRECOMPILE], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+  assert "error: a problem found before the first step" in proc.stderr
+  assert "FATAL" not in proc.stderr

@@ -146,9 +146,11 @@ class Precompile:
     self.step = jit_train_step(trainer)
     self.started = time.perf_counter()
     self._error = None
-    # A daemon: a run that fails before the first step does not wait for a compile at exit.
+    # Not a daemon: a run that fails before its first step prints its error at once and exits
+    # when the compile ends (Python joins the thread); a daemon thread still inside XLA when
+    # the interpreter finalises aborts the process ("FATAL: exception not rethrown").
     self._thread = threading.Thread(target=self._compile, name="deris-precompile-step",
-                                    args=(trainer.sharded_abstract_state(), batch), daemon=True)
+                                    args=(trainer.sharded_abstract_state(), batch))
     self._thread.start()
 
   def _compile(self, state, batch) -> None:
