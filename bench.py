@@ -205,7 +205,7 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
 
   def compile_at(b):
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
-                          inputs(1)[1:])
+                          inference.model_inputs(random_batch(config.model, 1)))
     return compiled_stats(forward_outputs.lower(params, *shapes).compile())
 
   rows = []

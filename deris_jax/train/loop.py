@@ -337,11 +337,11 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
     if resumed_from is not None:
       run.repair_best(resumed_from)
     batches = stream.batches(start)
-    train_step = step_lib.jit_train_step(trainer)
+    train_step = None  # taken at the first step, once the precompile has ended
     for step in range(start, total):
       batch = S.global_batch(next(batches), mesh)
-      if step == start and precompile is not None:
-        train_step = precompile.wait()  # the same jitted step, its program compiled
+      if train_step is None:
+        train_step = precompile.wait() if precompile else step_lib.jit_train_step(trainer)
       run.step(train_step, batch, first=step == start,
                compile_started=precompile.started if precompile else None)
       done = step + 1
