@@ -1,4 +1,5 @@
-"""Shared pytest set-up: 8 fake CPU devices, a compilation cache, the official fixtures.
+"""Shared pytest set-up: 8 fake CPU devices, a compilation cache, the official fixtures, and the
+number of parallel workers (pytest-xdist).
 
 The XLA flag must be set before jax is imported anywhere, so it lives at the very top of
 this file (pytest imports conftest.py before any test module).
@@ -33,6 +34,19 @@ FIXTURES = fixture_values.FIXTURES  # $DERIS_FIXTURES, default ../shared/fixture
 _cache_dir = os.environ.setdefault("DERIS_JAX_CACHE", str(ROOT / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+# Parallel runs: pytest.ini asks for `-n auto --dist loadfile`, so each test module runs whole on
+# one worker and builds its module-scoped fixtures (compiled programs, prepared data) once; the
+# workers share the compilation cache. `-n 0` runs everything in this process. (Not `loadgroup`:
+# pytest-xdist 3.8 groups by renaming node ids, which pytest 9 no longer lets a plugin do.)
+MAX_WORKERS = 4  # each worker holds its own JAX and TensorFlow (~2-3 GB) and compiles alone
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto`: one worker per core this process may use, at most MAX_WORKERS."""
+  return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 @pytest.fixture(scope="session")
