@@ -49,18 +49,6 @@ def pytest_xdist_auto_num_workers(config) -> int:
   return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
-# The files that take longest (BENCHMARKS.md, "The test suite in parallel"), run first: the
-# workers take files in collection order (pytest.ini: --no-loadscope-reorder), and a long file
-# taken last would leave the other workers idle at the end. Only the order changes.
-SLOWEST_FIRST = ("test_train_loop.py", "test_train_sharding.py", "test_dry_run.py",
-                 "test_parity.py", "test_grefcoco_recipe.py", "test_eval_cli.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
-
-
 @pytest.fixture(scope="session")
 def fixtures_root() -> pathlib.Path:
   if not FIXTURES.is_dir():
