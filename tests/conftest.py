@@ -40,7 +40,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # one worker and builds its module-scoped fixtures (compiled programs, prepared data) once; the
 # workers share the compilation cache. `-n 0` runs everything in this process. (Not `loadgroup`:
 # pytest-xdist 3.8 groups by renaming node ids, which pytest 9 no longer lets a plugin do.)
-MAX_WORKERS = 4  # each worker holds its own JAX and TensorFlow (~2-3 GB) and compiles alone
+MAX_WORKERS = 4  # each worker holds its own JAX, TensorFlow and compiled programs in memory
 
 
 @pytest.hookimpl(optionalhook=True)
