@@ -46,7 +46,8 @@ MAX_WORKERS = 4  # each worker holds its own JAX, TensorFlow and compiled progra
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
   """`-n auto`: one worker per core this process may use, at most MAX_WORKERS."""
-  return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(cores or 1, MAX_WORKERS))
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +85,8 @@ def predict_setup(tmp_path_factory, tiny_state_dict) -> dict:
   """The fixture's tiny DeRIS as a training run leaves it (its config stored in the
   checkpoint), the tiny synthetic set it reads its tokenizer from, a config file naming both,
   and a JPEG, a PNG and a corrupt file to predict on; shared by the predictor, predict.py and
-  demo tests so that the predictor's programs compile once per run."""
+  demo tests so that the predictor's programs compile once per run (once per pytest-xdist
+  worker that runs one of them)."""
   root = tmp_path_factory.mktemp("predict")
   data_dir = eval_helpers.prepare_synthetic(root)
   config = eval_helpers.tiny_config(data_dir)
