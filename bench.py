@@ -392,5 +392,6 @@ def main(argv=None) -> int:
     write_rows(rows, args.json)
   return 0
 
+
 if __name__ == "__main__":
   sys.exit(main())
