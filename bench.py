@@ -9,8 +9,9 @@
 For each batch size it prints the compile time, the median step time over `--steps` timed
 steps (after `--warmup`), images/s, peak device memory (host RSS on CPU), the memory XLA's
 buffer assignment needs for the program (`xla_mem_gib`), the number of HLO instructions of the
-optimised program, FLOPs per image from XLA's cost analysis and, with `--peak_tflops`, the
-model FLOP utilisation. `--profile DIR` writes a TensorBoard trace of the timed steps.
+optimised program, the model's FLOPs per image (XLA's count of the program before optimisation,
+with the stacks looped and no remat: `counting_config`) and, with `--peak_tflops`, the model
+FLOP utilisation. `--profile DIR` writes a TensorBoard trace of the timed steps.
 `--max_batch` also prints the largest batch whose program fits the device memory (or
 `--memory_gib`), from XLA's memory analysis: a line through the measured batches, confirmed
 by compiling the predicted batch. Parameters are random (`random_params`: drawn on the host in
@@ -59,11 +60,10 @@ def peak_memory_bytes() -> int:
 
 
 def compiled_stats(compiled) -> Dict[str, float]:
-  """XLA's view of a compiled program: flops per call (per device), the bytes its buffers
-  need on one device (arguments + outputs + temporaries - donated aliases), HLO instructions."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
+  """XLA's view of a compiled program: the bytes its buffers need on one device (arguments +
+  outputs + temporaries - donated aliases) and its HLO instructions. (Not its FLOPs: after
+  optimisation XLA counts a loop's body once, and on a GPU not the library calls; see
+  `lowered_flops`.)"""
   memory = compiled.memory_analysis()
   if memory is None:
     mem_bytes = float("nan")
@@ -73,8 +73,27 @@ def compiled_stats(compiled) -> Dict[str, float]:
   text = compiled.as_text() or ""
   hlo_ops = sum(1 for line in text.splitlines()
                 if " = " in line and not line.startswith("HloModule"))  # instructions
-  return dict(flops=float((cost or {}).get("flops", float("nan"))), mem_bytes=mem_bytes,
-              hlo_ops=hlo_ops)
+  return dict(mem_bytes=mem_bytes, hlo_ops=hlo_ops)
+
+
+def lowered_flops(lowered) -> float:
+  """XLA's FLOP count of a lowered (not yet optimised) program: the whole program as written,
+  before partitioning, so for the global batch (NaN where the backend gives none)."""
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def counting_config(config):
+  """A copy of `config` whose program counts every FLOP once: stacks looped (XLA's cost
+  analysis counts a scanned stack's body once, not once per layer: DeRIS-B's forward counts
+  46 GFLOP per image scanned, 143 looped) and no remat (recomputation is not model work)."""
+  config = config.copy_and_resolve_references()
+  for switch in ("scan_layers", "remat"):
+    if switch in config.model:  # absent means off
+      config.model[switch] = False
+  return config
 
 
 def device_memory_limit() -> float:
@@ -177,11 +196,11 @@ def random_batch(model_config, batch: int, seed: int = 0) -> Dict[str, np.ndarra
               text_ids=ids, text_padding_mask=padding)
 
 
-def _row(mode: str, batch: int, dtype, compile_s: float, step_s: float, stats, devices: int = 1
-         ) -> dict:
+def _row(mode: str, batch: int, dtype, compile_s: float, step_s: float, stats,
+         gflops_per_image: float) -> dict:
   return dict(mode=mode, batch=batch, dtype=str(dtype), compile_s=compile_s,
               step_ms=1e3 * step_s, images_per_s=batch / step_s,
-              gflops_per_image=stats["flops"] * devices / batch / 1e9,
+              gflops_per_image=gflops_per_image,
               peak_mem_gib=peak_memory_bytes() / 2**30, xla_mem_gib=stats["mem_bytes"] / 2**30,
               hlo_ops=stats["hlo_ops"])
 
@@ -203,16 +222,23 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   def inputs(b):  # (params, image, image_mini, text_ids, text_padding_mask), forward_fn's order
     return (params,) + jax.device_put(inference.model_inputs(random_batch(config.model, b)))
 
-  def compile_at(b):
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
-                          inference.model_inputs(random_batch(config.model, 1)))
-    return compiled_stats(forward_outputs.lower(params, *shapes).compile())
+  def shapes_at(b):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
+                        inference.model_inputs(random_batch(config.model, 1)))
 
+  def compile_at(b):
+    return compiled_stats(forward_outputs.lower(params, *shapes_at(b)).compile())
+
+  counting = abstract_model(counting_config(config).model)
+  counting_graphdef, _ = nnx.split(counting)
+  gflops = lowered_flops(inference.forward_fn(counting_graphdef).lower(
+      params_lib.model_params(counting), *shapes_at(batches[0]))) / batches[0] / 1e9
+  progress(f"{gflops:.1f} GFLOP per image (the program looped, before optimisation)")
   rows = []
   for b in batches:
     compile_s, step_s, stats = time_compiled(forward_outputs, inputs(b), warmup=args.warmup,
                                              steps=args.steps, profile=args.profile)
-    rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats))
+    rows.append(_row("infer", b, config.model.dtype, compile_s, step_s, stats, gflops))
     progress(f"batch {b}: {1e3 * step_s:.2f} ms per call")
   return rows, compile_at, _compat_multiple(config.model)
 
@@ -252,11 +278,18 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     return dict(random_batch(config.model, b),
                 **random_targets(b, num_targets, config.model.image_size))
 
-  def compile_at(b):
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=S.batch_sharding(mesh))
-              for k, v in host_batch(b).items()}
-    return compiled_stats(train_step.lower(trainer.abstract_state, shapes).compile())
+  def shapes_at(b):
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=S.batch_sharding(mesh))
+            for k, v in host_batch(b).items()}
 
+  def compile_at(b):
+    return compiled_stats(train_step.lower(trainer.abstract_state, shapes_at(b)).compile())
+
+  counting = state_lib.make_trainer(counting_config(config), mesh, steps_per_epoch=1000)
+  gflops = lowered_flops(step_lib.jit_train_step(counting).lower(
+      counting.abstract_state, shapes_at(batches[0]))) / batches[0] / 1e9
+  progress(f"{gflops:.1f} GFLOP per image (the step looped, without remat, before "
+           "optimisation)")
   rows = []
   for b in batches:
     batch = S.global_batch(host_batch(b), mesh)
@@ -274,8 +307,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     step_s = time_calls(one_step, warmup=args.warmup, steps=args.steps, profile=args.profile)
     progress(f"batch {b}: {1e3 * step_s:.2f} ms per step")
     state, metrics = carry["state"], carry["metrics"]
-    row = _row("train", b, config.model.dtype, compile_s, step_s, stats,
-               devices=mesh.size)  # cost analysis is per device program
+    row = _row("train", b, config.model.dtype, compile_s, step_s, stats, gflops)
     row.update(mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}",
                loss=float(jax.device_get(metrics["loss"])))
     rows.append(row)

@@ -2,6 +2,7 @@
 short) and tools/gpu_bench.sh's part selection; the benchmarks themselves are not tests."""
 import json
 import pathlib
+import re
 import subprocess
 
 import jax
@@ -83,3 +84,39 @@ def test_gpu_bench_refuses_an_unknown_part_before_it_starts(tmp_path):
                         env={"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "out")})
   assert proc.returncode == 2 and "unknown part '5'" in proc.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_gpu_bench_parts_fit_one_lease():
+  """Each part's entry limits add up to at most 540 s: a 15-minute lease, less the machine's
+  start, the install and the transfers."""
+  text = (ROOT / "tools" / "gpu_bench.sh").read_text()
+  body = text[text.index('case $PART in\n  1)'):]
+  parts = re.findall(r"^  (\d)\)\n(.*?)^    ;;", body, re.M | re.S)
+  assert [p for p, _ in parts] == ["1", "2", "3", "4"]
+  for part, entries in parts:
+    limits = [int(x) for x in re.findall(r"^    (?:run|canary) \S+ (\d+) ", entries, re.M)]
+    assert limits and sum(limits) <= 540, (part, limits)
+
+
+def _forward_gflops(config):
+  model = bench.abstract_model(config.model)
+  graphdef, _ = bench.nnx.split(model)
+  shapes = bench.inference.model_inputs(bench.random_batch(config.model, 2))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes)
+  lowered = bench.inference.forward_fn(graphdef).lower(bench.params_lib.model_params(model),
+                                                       *shapes)
+  return bench.lowered_flops(lowered) / 2 / 1e9
+
+
+def test_model_flops_count_every_layer_of_a_scanned_stack():
+  config = bench.cli.load(MICRO, ["model.beit3.num_layers=4",
+                                  "model.pixel_decoder.num_layers=3",
+                                  "model.swin.depths=(2,2,4,2)"])
+  looped, scanned = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  looped.model.scan_layers, scanned.model.scan_layers = False, True
+  scanned.model.remat = True
+  # XLA counts a scanned stack's body once: the raw count of the scanned program is smaller
+  assert _forward_gflops(scanned) < 0.9 * _forward_gflops(looped)
+  counted = bench.counting_config(scanned)
+  assert not counted.model.scan_layers and not counted.model.remat and scanned.model.scan_layers
+  assert _forward_gflops(counted) == pytest.approx(_forward_gflops(looped), rel=1e-6)
