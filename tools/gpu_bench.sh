@@ -5,11 +5,16 @@
 #      DeRIS-B bf16 train step at batch 16 with the stacks scanned (the released configs)
 #   2  the same train step with the stacks looped (model.scan_layers=False); DeRIS-L bf16
 #      forward at batch 1 and 64
-#   3  DeRIS-L bf16 train step at batch 16 with remat; DeRIS-B fp32 (default precision) step
-#   4  the largest DeRIS-L batch that fits (--max_batch: several more compiles)
-# Why parts: on an H200 (2026-12-04) the DeRIS-B bf16 forward took 48 s to compile and the
-# train step more than 134 s, so the whole table cannot fit one lease. Each part has at most
-# 540 s of entries, each entry its own time limit; parameters are random (drawn on the host).
+#   3  DeRIS-L bf16 train step at batch 16 as released (no remat); DeRIS-B fp32 (default
+#      precision) train step
+#   4  the largest DeRIS-L bf16 batch that fits with remat (--max_batch: several more compiles;
+#      the measured row is written first, so a search cut short keeps it)
+# Why parts: compiling is most of each entry. Measured on an H200 (2026-12-04, jax 0.11.2), as
+# whole entries: part 1 took 342 s (the DeRIS-B bf16 train step compiled in 153 s, its forward
+# in 55 s at batch 1 and 75 s at batch 64); the DeRIS-L bf16 train step 243 s (194 s compile),
+# its batch-1 forward 61 s. Each part has at most 540 s of entries, each entry its own time
+# limit; parameters are random (drawn on the host), and each entry first counts the model's
+# FLOPs on the host (the program looped, lowered, not compiled: 5-30 s).
 # Device time is scarce: the script stops at once (exit 3, the log's end printed) when the code
 # cannot import or a canary entry fails for a reason other than its time limit, so a broken
 # run costs seconds, not the lease. bench.py's progress lines (stderr, in NAME.log) say where
@@ -73,8 +78,8 @@ case $PART in
   1)
     canary deform_fp32 20 --mode deform --batch 16 --steps 20
     run deform_bf16 20 --mode deform --batch 16 --steps 20 --dtype bfloat16
-    canary b_infer_bf16 150 --config configs/deris_b_refcoco.py --batch 1,64 --dtype bfloat16
-    run b_train_bf16 330 --mode train --config configs/deris_b_refcoco.py --batch 16 \
+    canary b_infer_bf16 175 --config configs/deris_b_refcoco.py --batch 1,64 --dtype bfloat16
+    run b_train_bf16 300 --mode train --config configs/deris_b_refcoco.py --batch 16 \
         --dtype bfloat16
     ;;
   2)
@@ -83,13 +88,13 @@ case $PART in
     run l_infer_bf16 200 --config configs/deris_l_refcoco.py --batch 1,64 --dtype bfloat16
     ;;
   3)
-    canary l_train_bf16 340 --mode train --config configs/deris_l_refcoco.py --batch 16 \
-        --dtype bfloat16 --config.model.remat=True
-    run b_train_fp32 180 --mode train --config configs/deris_b_refcoco.py --batch 16
+    canary l_train_bf16 300 --mode train --config configs/deris_l_refcoco.py --batch 16 \
+        --dtype bfloat16
+    run b_train_fp32 230 --mode train --config configs/deris_b_refcoco.py --batch 16
     ;;
   4)
-    canary l_train_bf16_max 520 --mode train --config configs/deris_l_refcoco.py --batch 16 \
-        --dtype bfloat16 --config.model.remat=True --max_batch
+    canary l_train_bf16_remat_max 520 --mode train --config configs/deris_l_refcoco.py \
+        --batch 16 --dtype bfloat16 --config.model.remat=True --max_batch
     ;;
 esac
 cat "$OUT/device.txt" "$OUT/status.txt"
