@@ -171,4 +171,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  cli.tune_gc()
   sys.exit(main())

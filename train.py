@@ -110,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.tune_gc()
   app.run(main)

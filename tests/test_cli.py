@@ -145,3 +145,30 @@ def test_verbosity_zero_silences_the_libraries_but_not_us():
       logging.WARNING)
   cli.set_verbosity(1)
   assert logging.getLogger("absl").level == logging.INFO and cli.verbose()
+
+
+def test_tune_gc_freezes_the_live_heap_and_spaces_young_collections():
+  import gc
+  before_count, before_threshold = gc.get_freeze_count(), gc.get_threshold()
+  try:
+    cli.tune_gc()
+    assert gc.get_freeze_count() > before_count
+    assert gc.get_threshold() == (cli.YOUNG_GC_THRESHOLD,) + before_threshold[1:]
+  finally:
+    gc.unfreeze()
+    gc.set_threshold(*before_threshold)
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "demo.py", "bench.py"])
+def test_each_command_tunes_the_gc_in_its_main_guard(script):
+  """In the main guard, not in main(): tests call main() in-process and must not freeze."""
+  import ast
+  root = pathlib.Path(__file__).resolve().parents[1]
+  tree = ast.parse((root / script).read_text())
+  guards = [node for node in tree.body if isinstance(node, ast.If)
+            and ast.unparse(node.test) == "__name__ == '__main__'"]
+  assert len(guards) == 1, script
+  calls = [ast.unparse(n.func) for n in ast.walk(guards[0]) if isinstance(n, ast.Call)]
+  assert calls[0] == "cli.tune_gc", (script, calls)
+  main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+  assert "tune_gc" not in ast.unparse(main)
