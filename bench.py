@@ -96,6 +96,22 @@ def counting_config(config):
   return config
 
 
+def forward_shapes(model_config, batch: int):
+  """The forward's inputs at `batch` as shapes (`inference.model_inputs` order)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype),
+                      inference.model_inputs(random_batch(model_config, 1)))
+
+
+def lowered_forward_gflops(model_config, batch: int) -> float:
+  """GFLOP per image of the inference forward of `model_config` at `batch`, as XLA counts the
+  lowered program (pass `counting_config(config).model` for the model's FLOPs)."""
+  model = abstract_model(model_config)
+  graphdef, _ = nnx.split(model)
+  lowered = inference.forward_fn(graphdef).lower(params_lib.model_params(model),
+                                                 *forward_shapes(model_config, batch))
+  return lowered_flops(lowered) / batch / 1e9
+
+
 def device_memory_limit() -> float:
   """Bytes the backend lets device 0 use (NaN where it does not say, e.g. on CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -222,17 +238,11 @@ def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   def inputs(b):  # (params, image, image_mini, text_ids, text_padding_mask), forward_fn's order
     return (params,) + jax.device_put(inference.model_inputs(random_batch(config.model, b)))
 
-  def shapes_at(b):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype),
-                        inference.model_inputs(random_batch(config.model, 1)))
-
   def compile_at(b):
-    return compiled_stats(forward_outputs.lower(params, *shapes_at(b)).compile())
+    return compiled_stats(forward_outputs.lower(params, *forward_shapes(config.model, b))
+                          .compile())
 
-  counting = abstract_model(counting_config(config).model)
-  counting_graphdef, _ = nnx.split(counting)
-  gflops = lowered_flops(inference.forward_fn(counting_graphdef).lower(
-      params_lib.model_params(counting), *shapes_at(batches[0]))) / batches[0] / 1e9
+  gflops = lowered_forward_gflops(counting_config(config).model, batches[0])
   progress(f"{gflops:.1f} GFLOP per image (the program looped, before optimisation)")
   rows = []
   for b in batches:

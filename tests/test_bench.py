@@ -98,16 +98,6 @@ def test_gpu_bench_parts_fit_one_lease():
     assert limits and sum(limits) <= 540, (part, limits)
 
 
-def _forward_gflops(config):
-  model = bench.abstract_model(config.model)
-  graphdef, _ = bench.nnx.split(model)
-  shapes = bench.inference.model_inputs(bench.random_batch(config.model, 2))
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes)
-  lowered = bench.inference.forward_fn(graphdef).lower(bench.params_lib.model_params(model),
-                                                       *shapes)
-  return bench.lowered_flops(lowered) / 2 / 1e9
-
-
 def test_model_flops_count_every_layer_of_a_scanned_stack():
   config = bench.cli.load(MICRO, ["model.beit3.num_layers=4",
                                   "model.pixel_decoder.num_layers=3",
@@ -116,7 +106,8 @@ def test_model_flops_count_every_layer_of_a_scanned_stack():
   looped.model.scan_layers, scanned.model.scan_layers = False, True
   scanned.model.remat = True
   # XLA counts a scanned stack's body once: the raw count of the scanned program is smaller
-  assert _forward_gflops(scanned) < 0.9 * _forward_gflops(looped)
+  looped_gflops = bench.lowered_forward_gflops(looped.model, 2)
+  assert bench.lowered_forward_gflops(scanned.model, 2) < 0.9 * looped_gflops
   counted = bench.counting_config(scanned)
   assert not counted.model.scan_layers and not counted.model.remat and scanned.model.scan_layers
-  assert _forward_gflops(counted) == pytest.approx(_forward_gflops(looped), rel=1e-6)
+  assert bench.lowered_forward_gflops(counted.model, 2) == pytest.approx(looped_gflops, rel=1e-6)
