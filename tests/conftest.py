@@ -50,6 +50,25 @@ def pytest_xdist_auto_num_workers(config) -> int:
   return max(1, min(cores or 1, MAX_WORKERS))
 
 
+@pytest.fixture
+def fresh_compilation_cache(tmp_path):
+  """jax's persistent cache in an empty directory (tmp_path / "xla", every program written) and
+  its in-memory caches cleared: the next compile is done afresh, as on a machine's first run.
+  The suite's cache is restored afterwards."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top  (no public reset)
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.clear_caches()
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield tmp_path / "xla"
+  jax.clear_caches()
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
 @pytest.fixture(scope="session")
 def fixtures_root() -> pathlib.Path:
   if not FIXTURES.is_dir():

@@ -23,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -30,12 +31,14 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from deris_jax import checkpoints
+from deris_jax import executable_cache
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.data import prepare
 from deris_jax.train import checkpointing
 from deris_jax.train import loop
+from deris_jax.train import reporting
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -98,6 +101,7 @@ def uninterrupted(setup):
       logging.getLogger("jax").removeHandler(first_step_logs)
 
   step_lib._jitted_steps.clear()  # pylint: disable=protected-access  (a step no test traced)
+  executable_cache._in_memory.clear()  # pylint: disable=protected-access
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(loop._Run, "step", step)  # pylint: disable=protected-access
     result = loop.train(config, workdir, init_from=str(setup["init_dir"]))
@@ -396,7 +400,7 @@ OUR_LINE = re.compile("|".join([
     r"resumed from step \d+ .*",
     r"state ready in [\d.]+s",
     r"first step \(compile \+ run\) [\dms.]+(, [\dms.]+ of it after the state and the input "
-    r"were ready)?",
+    r"were ready)?( \(the program read back from the executable cache\))?",
     r"step \d+/\d+  loss [\d.]+  .*",
     r"eval step \d+ \[\w+\] tau [\d.]+  .*",
     r"new best .*: wrote \S+",
@@ -488,3 +492,19 @@ def test_a_killed_save_leaves_the_previous_checkpoint_usable(tmp_path):
   ckpt.save(state.replace(step=state.step + 1), config=config, data_position={})
   assert ckpt.all_steps() == [0, 1]
   ckpt.close()
+
+
+@pytest.mark.parametrize("origin", ["disk", "compiled", None])
+def test_the_first_step_line_says_when_the_program_was_read_back(origin, tmp_path, capsys):
+  run = loop._Run(config=None, trainer=None, ckpt=None,  # pylint: disable=protected-access
+                  report=reporting.Reporter(tmp_path, total_steps=2, start_step=0,
+                                            tensorboard=False),
+                  state=jax.numpy.zeros(()), steps_per_epoch=2, last_checkpoint=None)
+  add_one = jax.jit(lambda state, batch: (state + 1, {"loss": state}))
+  add_one(run.state, None)  # compiled outside the transfer guard (its constant)
+  run.step(add_one, None, first=True,
+           compile_started=time.perf_counter(), program_origin=origin)
+  (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("first step")]
+  assert OUR_LINE.fullmatch(line), line
+  assert line.endswith(" (the program read back from the executable cache)") == (
+      origin == "disk")

@@ -9,6 +9,7 @@ joined by `jax.distributed.initialize` with gloo CPU collectives, take the same 
 Run as a script (`python tests/test_train_sharding.py worker ...`) this file is one process
 of that multi-host run.
 """
+import collections
 import json
 import os
 import pathlib
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 
+from deris_jax import batch as batch_lib
+from deris_jax import executable_cache
 from deris_jax import sharding as S
 from deris_jax import trees
 from deris_jax.config_loader import load_config
@@ -83,11 +86,12 @@ def host_batches(config, num_steps: int, seed: int = 0):
   return batches
 
 
-def run_steps(config, mesh, params, batches):
-  """(per-step losses, final params as host arrays, the final state) on `mesh`."""
+def run_steps(config, mesh, params, batches, train_step=None):
+  """(per-step losses, final params as host arrays, the final state) on `mesh`; by
+  `train_step` (the step of `step.jit_train_step` unless given)."""
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=STEPS_PER_EPOCH)
   state = state_lib.init_state(trainer, config.train.seed, params=params)
-  train_step = step_lib.jit_train_step(trainer)
+  train_step = train_step or step_lib.jit_train_step(trainer)
   rows = S.process_rows(config.data.batch_size, mesh)
   losses = []
   for batch in batches:
@@ -156,6 +160,33 @@ def test_sharded_step_equals_single_device(reference, mesh_shape):
         assert leaf.sharding.spec == specs[name.split(".mu.", 1)[1]], name
   else:
     assert all(all(a is None for a in s) for s in specs.values())
+
+
+def test_the_step_read_back_from_disk_takes_the_same_steps(reference, fresh_compilation_cache):
+  # What a warm start runs: step.Precompile's executable, compiled afresh and written by
+  # executable_cache, then read back (not traced) by the next Precompile, takes the same steps
+  # as the jitted step, bit for bit. (After the in-process
+  # comparisons: it clears jax's in-memory caches.)
+  config = micro_config()
+  mesh = S.make_mesh(config.mesh, devices=jax.devices()[:1])
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=STEPS_PER_EPOCH)
+  batch = batch_lib.abstract(config.data, config.data.batch_size, S.batch_sharding(mesh))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(executable_cache, "_in_memory", collections.OrderedDict())
+    first = step_lib.Precompile(trainer, batch)
+    first.wait()
+    written = list((fresh_compilation_cache / executable_cache.SUBDIRECTORY).glob("train_step-*"))
+    assert first.origin == "compiled" and len(written) == 1
+    executable_cache._in_memory.clear()  # pylint: disable=protected-access  (a new process)
+    again = step_lib.Precompile(trainer, batch)
+    loaded = again.wait()
+  assert again.origin == "disk"
+  losses, final, _ = run_steps(config, mesh, reference["params"], reference["batches"],
+                               train_step=loaded)
+  assert losses == reference["losses"]
+  want = _flat(reference["final"])
+  for name, got in _flat(final).items():
+    np.testing.assert_array_equal(got, want[name], err_msg=name)
 
 
 def _flat_arrays(tree):
@@ -227,3 +258,4 @@ def worker(process_id: int, port: int, out_prefix: str) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
   worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+

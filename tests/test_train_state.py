@@ -101,20 +101,26 @@ class _FakeTrainer:
     return jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=self.sharding)
 
 
-def test_precompile_fills_the_call_path_and_reraises_a_compile_error(monkeypatch, caplog):
+def test_precompile_gives_a_compiled_step_and_reraises_a_compile_error(monkeypatch, caplog):
   sharding = S.replicated(S.data_mesh(jax.devices()[:1]))
   jitted = jax.jit(lambda s, b: (s + b["x"][0], b["x"].sum()),  # s (4, 4) + row (4,)
                    in_shardings=(sharding, sharding), out_shardings=(sharding, sharding),
                    donate_argnums=(0,))
   monkeypatch.setattr(step_lib, "jit_train_step", lambda trainer: jitted)
+  monkeypatch.setattr(step_lib, "program_description", lambda trainer: "s + x[0], sum(x)")
+  monkeypatch.setattr(step_lib, "_compiler_options", lambda trainer: None)
   batch = {"x": jax.ShapeDtypeStruct((2, 4), jnp.float32, sharding=sharding)}
-  assert step_lib.Precompile(_FakeTrainer(sharding), batch).wait() is jitted
+  precompile = step_lib.Precompile(_FakeTrainer(sharding), batch)
+  compiled = precompile.wait()
+  assert isinstance(compiled, jax.stages.Compiled) and precompile.origin in (
+      "compiled", "memory", "disk")
   state, x = jax.device_put((np.zeros((4, 4), np.float32), np.ones((2, 4), np.float32)),
                             sharding)
   with jax.log_compiles(), caplog.at_level(logging.DEBUG, logger="jax"):
-    state, total = jitted(state, {"x": x})
+    new_state, total = compiled(state, {"x": x})
   assert not [r for r in caplog.records if "lambda" in r.getMessage()], caplog.text  # no trace,
-  assert float(total) == 8.0 and float(state[0, 0]) == 1.0  # no lowering, no compile: just runs
+  assert float(total) == 8.0 and float(new_state[0, 0]) == 1.0  # no lowering, no compile
+  assert state.is_deleted()  # donated, as by the jitted step
   wrong = {"x": jax.ShapeDtypeStruct((2, 5), jnp.float32, sharding=sharding)}  # (4, 4) + (5,)
   with pytest.raises((TypeError, ValueError), match="ncompatible shapes for broadcasting"):
     step_lib.Precompile(_FakeTrainer(sharding), wrong).wait()
@@ -134,6 +140,8 @@ def slow(s, b):  # ~4 s of XLA compile
 
 step_lib.jit_train_step = lambda trainer: jax.jit(
     slow, in_shardings=(sharding, sharding), out_shardings=(sharding, sharding))
+step_lib.program_description = lambda trainer: "slow"
+step_lib._compiler_options = lambda trainer: None
 
 class Trainer:
   def sharded_abstract_state(self):

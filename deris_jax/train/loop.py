@@ -153,10 +153,11 @@ class _Run:
   interval_start: float = dataclasses.field(default_factory=time.perf_counter)
   interval_steps: int = 0
 
-  def step(self, train_step, batch, *, first: bool,
-           compile_started: Optional[float] = None) -> None:
+  def step(self, train_step, batch, *, first: bool, compile_started: Optional[float] = None,
+           program_origin: Optional[str] = None) -> None:
     """Dispatches one step under the transfer guard; metrics stay on the device.
-    `compile_started`: when the first step's program began compiling (`step.Precompile`)."""
+    `compile_started`: when the first step's program began compiling (`step.Precompile`);
+    `program_origin`: where its executable came from ('disk': `executable_cache`)."""
     with jax.transfer_guard("disallow"):
       self.state, metrics = train_step(self.state, batch)
     self.pending.append(metrics)
@@ -171,6 +172,8 @@ class _Run:
         line = (f"first step (compile + run) {reporting.format_seconds(now - compile_started)},"
                 f" {reporting.format_seconds(now - self.interval_start)} of it after the state "
                 "and the input were ready")
+      if program_origin == "disk":
+        line += " (the program read back from the executable cache)"
       self.report.log(line)
       self.interval_start, self.interval_steps = time.perf_counter(), 0
     self.report.advance()
@@ -308,7 +311,8 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
              f"{total} steps")
   # The step compiles (or loads from the persistent cache) beside the state and the pipeline.
   precompile = None if (resumed_from or 0) >= total else step_lib.Precompile(
-      trainer, batch_lib.abstract(config.data, global_batch, S.batch_sharding(mesh)))
+      trainer, batch_lib.abstract(config.data, global_batch, S.batch_sharding(mesh)),
+      log=report.log)
   t0 = time.perf_counter()
   meta = {}
   if resumed_from is not None:
@@ -343,7 +347,8 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
       if train_step is None:
         train_step = precompile.wait() if precompile else step_lib.jit_train_step(trainer)
       run.step(train_step, batch, first=step == start,
-               compile_started=precompile.started if precompile else None)
+               compile_started=precompile.started if precompile else None,
+               program_origin=precompile.origin if precompile else None)
       done = step + 1
       if _due(done, tc.log_every_steps, 0, spe) or done == total:
         run.log(done)

@@ -16,9 +16,11 @@ Swin keeps no activations for the backward at all).
 `jit_train_step` hands out one jitted step per program (`program_key`) and process: a second
 run of the same program in the same process (a resumed or repeated run, a sweep in a notebook,
 the tests) reuses the compiled executable instead of tracing, lowering and compiling again.
-`Precompile` traces, lowers and compiles (or loads from the persistent cache) that step in a
-background thread from the abstract state and batch, while the loop initialises or restores
-the state and starts the input pipeline; the first call then finds it compiled.
+`Precompile` gets that step's executable in a background thread from the abstract state and
+batch, while the loop initialises or restores the state and starts the input pipeline: read
+back from `deris_jax.executable_cache` (no tracing) when this program was compiled before on
+this machine, else traced, lowered and compiled (jax's persistent cache may still hold the
+compiled program) and written there.
 """
 import collections
 import dataclasses
@@ -32,6 +34,7 @@ import optax
 
 from deris_jax import batch as batch_lib
 from deris_jax import cpu_options
+from deris_jax import executable_cache
 from deris_jax import forward
 from deris_jax import losses
 from deris_jax import sharding as S
@@ -131,37 +134,53 @@ def jit_train_step(trainer: Trainer):
   return jitted
 
 
-class Precompile:
-  """The jitted step of `trainer` lowered and compiled in a background thread.
+def program_description(trainer: Trainer) -> str:
+  """What the step's program is built from besides its arguments, as text for
+  `executable_cache`: `program_key` and the model structure."""
+  return (executable_cache.stable_repr(program_key(trainer)) + "\n" +
+          executable_cache.stable_repr(trainer.graphdef))
 
-  `jit_train_step(trainer).lower(abstract state, batch).compile()` fills jax's caches of that
-  jitted function (trace, lowering, executable), so its first call on arrays of the same shapes
-  and shardings runs the compiled program. Start it before the state and the input pipeline
-  are built (XLA compiles and loads executables without holding Python's lock) and `wait()`
-  before the first call: a call while it is still running would compile a second time.
-  `wait()` re-raises what the compile raised (a shape error, say), as the first call would.
+
+class Precompile:
+  """The train step of `trainer` compiled (or read back from disk) in a background thread.
+
+  `wait()` returns the compiled step (`jax.stages.Compiled`): called on arrays of the abstract
+  state's and batch's shapes, dtypes and shardings, it runs without tracing (other arguments
+  are an error, not a recompile). It comes from `executable_cache.load_or_compile`: memory,
+  disk, or `jit_train_step(trainer).lower(state, batch).compile()`; `origin` says which.
+  Start it before the state and the input pipeline are built (XLA compiles and loads
+  executables without holding Python's lock) and `wait()` before the first call. `wait()`
+  re-raises what the compile raised (a shape error, say), as the first call would.
   """
 
-  def __init__(self, trainer: Trainer, batch: Dict[str, jax.ShapeDtypeStruct]):
+  def __init__(self, trainer: Trainer, batch: Dict[str, jax.ShapeDtypeStruct],
+               log: Callable[[str], None] = print):
     self.step = jit_train_step(trainer)
     self.started = time.perf_counter()
+    self.origin = None  # 'memory', 'disk' or 'compiled', once done
+    self._compiled = None
     self._error = None
+    self._log = log
     # Not a daemon: a run that fails before its first step prints its error at once and exits
     # when the compile ends (Python joins the thread); a daemon thread still inside XLA when
     # the interpreter finalises aborts the process ("FATAL: exception not rethrown").
-    self._thread = threading.Thread(target=self._compile, name="deris-precompile-step",
-                                    args=(trainer.sharded_abstract_state(), batch))
+    self._thread = threading.Thread(
+        target=self._compile, name="deris-precompile-step",
+        args=(trainer.sharded_abstract_state(), batch, program_description(trainer),
+              _compiler_options(trainer)))
     self._thread.start()
 
-  def _compile(self, state, batch) -> None:
+  def _compile(self, state, batch, description, options) -> None:
     try:
-      self.step.lower(state, batch).compile()
+      self._compiled, self.origin = executable_cache.load_or_compile(
+          "train_step", self.step, (state, batch), description=description,
+          compiler_options=options, log=self._log)
     except BaseException as e:  # pylint: disable=broad-except  (re-raised by wait())
       self._error = e
 
   def wait(self) -> Callable:
-    """Blocks until the compile ends; returns the jitted step (raises the compile's error)."""
+    """Blocks until the compile ends; returns the compiled step (raises the compile's error)."""
     self._thread.join()
     if self._error is not None:
       raise self._error
-    return self.step
+    return self._compiled
