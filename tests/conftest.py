@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 
 from tests import eval_helpers  # noqa: E402
 from tests import fixture_values  # noqa: E402
+from tests.jax_caches import fresh_jax_cache  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = fixture_values.FIXTURES  # $DERIS_FIXTURES, default ../shared/fixtures
@@ -52,21 +53,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 @pytest.fixture
 def fresh_compilation_cache(tmp_path):
-  """jax's persistent cache in an empty directory (tmp_path / "xla", every program written) and
-  its in-memory caches cleared: the next compile is done afresh, as on a machine's first run.
-  The suite's cache is restored afterwards."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top  (no public reset)
-  before = (jax.config.jax_compilation_cache_dir,
-            jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.clear_caches()
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield tmp_path / "xla"
-  jax.clear_caches()
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  """`fresh_jax_cache` in tmp_path / "xla" for one test."""
+  with fresh_jax_cache(tmp_path / "xla") as directory:
+    yield directory
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
+from tests.jax_caches import fresh_jax_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ((8, 1), (4, 2), (1, 8))
@@ -122,14 +123,26 @@ def _assert_same(got_losses, got_params, want_losses, want_params, what):
 
 
 @pytest.fixture(scope="module")
-def reference():
-  """Parameters, batches and the single-device run every other run is compared with."""
+def reference(tmp_path_factory):
+  """Parameters, batches and the single-device run every other run is compared with.
+
+  Its step is `step.Precompile`'s, compiled afresh (an empty jax cache) so that
+  `executable_cache` writes it: `test_the_step_read_back_from_disk_takes_the_same_steps`
+  reads it back."""
   config = micro_config()
   params = host_params(config)
   batches = host_batches(config, NUM_STEPS)
   mesh = S.make_mesh(config.mesh, devices=jax.devices()[:1])
-  losses, final, _ = run_steps(config, mesh, params, batches)
-  return dict(params=params, batches=batches, losses=losses, final=final)
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=STEPS_PER_EPOCH)
+  batch = batch_lib.abstract(config.data, config.data.batch_size, S.batch_sharding(mesh))
+  with fresh_jax_cache(tmp_path_factory.mktemp("xla")) as cache_dir:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(executable_cache, "_in_memory", collections.OrderedDict())
+      precompile = step_lib.Precompile(trainer, batch)
+      losses, final, _ = run_steps(config, mesh, params, batches, train_step=precompile.wait())
+  return dict(params=params, batches=batches, losses=losses, final=final,
+              config=config, mesh=mesh, trainer=trainer, batch=batch,
+              executables=cache_dir / executable_cache.SUBDIRECTORY, origin=precompile.origin)
 
 
 def test_single_device_steps_update_the_trainable_parameters(reference):
@@ -162,27 +175,19 @@ def test_sharded_step_equals_single_device(reference, mesh_shape):
     assert all(all(a is None for a in s) for s in specs.values())
 
 
-def test_the_step_read_back_from_disk_takes_the_same_steps(reference, fresh_compilation_cache):
+def test_the_step_read_back_from_disk_takes_the_same_steps(reference, monkeypatch):
   # What a warm start runs: step.Precompile's executable, compiled afresh and written by
-  # executable_cache, then read back (not traced) by the next Precompile, takes the same steps
-  # as the jitted step, bit for bit. (After the in-process
-  # comparisons: it clears jax's in-memory caches.)
-  config = micro_config()
-  mesh = S.make_mesh(config.mesh, devices=jax.devices()[:1])
-  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=STEPS_PER_EPOCH)
-  batch = batch_lib.abstract(config.data, config.data.batch_size, S.batch_sharding(mesh))
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(executable_cache, "_in_memory", collections.OrderedDict())
-    first = step_lib.Precompile(trainer, batch)
-    first.wait()
-    written = list((fresh_compilation_cache / executable_cache.SUBDIRECTORY).glob("train_step-*"))
-    assert first.origin == "compiled" and len(written) == 1
-    executable_cache._in_memory.clear()  # pylint: disable=protected-access  (a new process)
-    again = step_lib.Precompile(trainer, batch)
-    loaded = again.wait()
+  # executable_cache (the reference run's), then read back (not traced) by the next
+  # Precompile, takes the same steps as the compiled one, bit for bit.
+  assert reference["origin"] == "compiled"
+  assert len(list(reference["executables"].glob("train_step-*"))) == 1
+  monkeypatch.setattr(executable_cache, "directory", lambda: reference["executables"])
+  monkeypatch.setattr(executable_cache, "_in_memory", collections.OrderedDict())  # a new process
+  again = step_lib.Precompile(reference["trainer"], reference["batch"])
+  loaded = again.wait()
   assert again.origin == "disk"
-  losses, final, _ = run_steps(config, mesh, reference["params"], reference["batches"],
-                               train_step=loaded)
+  losses, final, _ = run_steps(reference["config"], reference["mesh"], reference["params"],
+                               reference["batches"], train_step=loaded)
   assert losses == reference["losses"]
   want = _flat(reference["final"])
   for name, got in _flat(final).items():
