@@ -162,6 +162,7 @@ def _write(path: pathlib.Path, compiled) -> None:
   try:
     with os.fdopen(handle, "wb") as f:
       pickle.dump((device_ids, in_tree, out_tree, blob), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.chmod(tmp, 0o644)  # mkstemp's files are private; these are as readable as jax's own
     os.replace(tmp, path)  # whole or not at all, even with several writers
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
@@ -176,12 +177,23 @@ def _read(path: pathlib.Path):
       blob, in_tree, out_tree, execution_devices=[devices[i] for i in device_ids])
 
 
+def _remove(path: pathlib.Path) -> None:
+  try:
+    path.unlink(missing_ok=True)
+  except OSError:  # another user's file in a shared directory: left, it is only read
+    pass
+
+
 def _prune(folder: pathlib.Path, name: str, keep: int) -> None:
   """Keeps the `keep` most recently used files of program `name`."""
-  files = sorted(folder.glob(f"{name}-*{SUFFIX}"), key=lambda p: p.stat().st_mtime,
-                 reverse=True)
-  for old in files[keep:]:
-    old.unlink(missing_ok=True)
+  used = {}
+  for path in folder.glob(f"{name}-*{SUFFIX}"):
+    try:
+      used[path] = path.stat().st_mtime
+    except OSError:  # removed meanwhile by another process
+      pass
+  for old in sorted(used, key=used.get, reverse=True)[keep:]:
+    _remove(old)
 
 
 def load_or_compile(name: str, jitted: Callable, args: Tuple, *, description: str,
@@ -209,7 +221,7 @@ def load_or_compile(name: str, jitted: Callable, args: Tuple, *, description: st
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file: compile again)
       log(f"warning: cannot read the cached executable {path} ({type(e).__name__}: {e}); "
           "removed, compiling again")
-      path.unlink(missing_ok=True)
+      _remove(path)
   if compiled is None:
     compiled, fresh = _compile_watched(jitted, args)
     if path is not None and fresh:

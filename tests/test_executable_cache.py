@@ -109,6 +109,7 @@ def test_an_unreadable_file_is_reported_removed_and_compiled_again(fresh_compila
   jitted, args = _toy_jitted([], jax.devices())
   executable_cache.load_or_compile("toy", jitted, args, description="v1")
   (path,) = _written(fresh_compilation_cache)
+  assert path.stat().st_mode & 0o777 == 0o644
   path.write_bytes(path.read_bytes()[:100])  # truncated
   executable_cache._in_memory.clear()  # pylint: disable=protected-access
   messages = []
