@@ -217,18 +217,23 @@ def load_or_compile(name: str, jitted: Callable, args: Tuple, *, description: st
   if path is not None and path.exists():
     try:
       compiled, origin = _read(path), "disk"
-      os.utime(path)  # recently used: kept by _prune
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file: compile again)
       log(f"warning: cannot read the cached executable {path} ({type(e).__name__}: {e}); "
           "removed, compiling again")
       _remove(path)
+    else:
+      try:
+        os.utime(path)  # recently used: kept by _prune
+      except OSError:
+        pass
   if compiled is None:
     compiled, fresh = _compile_watched(jitted, args)
     if path is not None and fresh:
       try:
         _write(path, compiled)
         _prune(folder, name, KEEP_PER_NAME)
-      except (OSError, ValueError, NotImplementedError) as e:  # full disk, unserializable
+      except Exception as e:  # pylint: disable=broad-except  (full disk, unserializable: the
+        # program is compiled all the same; only the next start is slower)
         log(f"warning: the compiled {name} is not cached on disk ({type(e).__name__}: {e})")
   _in_memory[key] = compiled
   while len(_in_memory) > MAX_IN_MEMORY:

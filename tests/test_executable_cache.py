@@ -201,3 +201,19 @@ def test_old_files_are_pruned_least_recently_used_first(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
       [f"{n}{executable_cache.SUFFIX}" for n in ("toy-0", "toy-3", "toy-4", "toy-5", "other-0")])
 
+
+
+def test_a_program_that_cannot_be_written_is_still_returned(fresh_compilation_cache,
+                                                            empty_memory, monkeypatch):
+  def refuse(path, compiled):
+    raise AttributeError("this jax's executables have no '_unloaded_executable'")
+  monkeypatch.setattr(executable_cache, "_write", refuse)
+  jitted, args = _toy_jitted([], jax.devices())
+  messages = []
+  compiled, origin = executable_cache.load_or_compile("toy", jitted, args, description="v1",
+                                                      log=messages.append)
+  assert origin == "compiled" and not _written(fresh_compilation_cache)
+  assert messages == ["warning: the compiled toy is not cached on disk (AttributeError: this "
+                      "jax's executables have no '_unloaded_executable')"]
+  new_state, _ = compiled(*_toy_inputs(args))
+  assert new_state["w"].shape == (4,)
