@@ -9,8 +9,9 @@ tracing anything: the default job's warm first step takes 6.1-7.1 s instead of 1
   key: sha256 of the program's name and the caller's description of it (the config sections it
     reads, the model structure), the abstract arguments (tree structure, shapes, dtypes,
     shardings and their devices), the source of the deris_jax package, the versions of
-    Python, jax, jaxlib, flax and optax, the backend (platform, its version, every device's id,
-    kind and process), $XLA_FLAGS and the compiler options.
+    Python, jax, jaxlib, flax and optax, jax's settings that change tracing (x64, matmul
+    precision, PRNG implementation: jax's own trace-cache key), the backend (platform, its
+    version, every device's id, kind and process), $XLA_FLAGS and the compiler options.
   file: <the persistent cache's directory>/executables/<name>-<key>.jaxexe, written only while
     that cache is on (`DERIS_JAX_CACHE=off` turns both off); at most KEEP_PER_NAME files per
     name are kept (the least recently used are removed), since each code edit makes new keys.
@@ -116,8 +117,18 @@ def arguments_description(args) -> str:
   return "\n".join(lines)
 
 
+def _jax_settings() -> str:
+  """jax's settings that change what a function traces to (x64, matmul precision, the PRNG
+  implementation, ...): the values jax keys its own trace cache on."""
+  try:
+    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+    return stable_repr(jax_config.trace_context())
+  except (ImportError, AttributeError):  # another jax: every setting (more misses, none stale)
+    return stable_repr(sorted(jax.config.values.items()))
+
+
 def environment_description() -> str:
-  """The software and devices a compiled program is only valid for."""
+  """The software, settings and devices a compiled program is only valid for."""
   import flax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -127,7 +138,8 @@ def environment_description() -> str:
       f"python {sys.version}", f"jax {jax.__version__} jaxlib {jaxlib.__version__}",
       f"flax {flax.__version__} optax {optax.__version__}",
       f"backend {backend.platform} {backend.platform_version}", f"devices {devices}",
-      f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}", f"deris_jax {package_digest()}"])
+      f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}", f"jax settings {_jax_settings()}",
+      f"deris_jax {package_digest()}"])
 
 
 def program_key(name: str, description: str, args, compiler_options=None) -> str:

@@ -156,6 +156,8 @@ def test_the_key_changes_with_what_the_program_is_built_from(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_dump_to=/x")
   variants.append(key())
   monkeypatch.undo()
+  with jax.default_matmul_precision("highest"):
+    variants.append(key())
   monkeypatch.setattr(executable_cache, "package_digest", lambda: "edited")
   variants.append(key())
   assert len(set(variants + [base])) == len(variants) + 1
