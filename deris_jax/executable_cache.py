@@ -9,7 +9,7 @@ tracing anything: the default job's warm first step takes 6.1-7.1 s instead of 1
   key: sha256 of the program's name and the caller's description of it (the config sections it
     reads, the model structure), the abstract arguments (tree structure, shapes, dtypes,
     shardings and their devices), the source of the deris_jax package, the versions of
-    Python, jax, jaxlib, flax and optax, jax's settings that change tracing (x64, matmul
+    Python, jax, jaxlib, flax, optax and numpy, jax's settings that change tracing (x64, matmul
     precision, PRNG implementation: jax's own trace-cache key), the backend (platform, its
     version, every device's id, kind and process), $XLA_FLAGS and the compiler options.
   file: <the persistent cache's directory>/executables/<name>-<key>.jaxexe, written only while
@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import jax
 from jax.experimental import serialize_executable
+import numpy as np
 
 SUBDIRECTORY = "executables"
 SUFFIX = ".jaxexe"
@@ -136,7 +137,7 @@ def environment_description() -> str:
   devices = [(d.id, d.device_kind, d.process_index) for d in jax.devices()]
   return "\n".join([
       f"python {sys.version}", f"jax {jax.__version__} jaxlib {jaxlib.__version__}",
-      f"flax {flax.__version__} optax {optax.__version__}",
+      f"flax {flax.__version__} optax {optax.__version__} numpy {np.__version__}",
       f"backend {backend.platform} {backend.platform_version}", f"devices {devices}",
       f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}", f"jax settings {_jax_settings()}",
       f"deris_jax {package_digest()}"])
