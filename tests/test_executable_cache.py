@@ -36,6 +36,10 @@ def _toy_jitted(traces, devices):
   return jitted, args
 
 
+# The toy's new state on `_toy_inputs`: w * 2 + the column sums of x (0..31 as (8, 4)).
+TOY_NEW_W = np.arange(4) * 2.0 + np.array([112, 120, 128, 136])
+
+
 def _toy_inputs(args):
   state = {"w": jax.device_put(np.arange(4, dtype=np.float32), args[0]["w"].sharding)}
   batch = {"x": jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4),
@@ -69,6 +73,7 @@ def test_a_fresh_compile_is_written_and_read_back_without_tracing(fresh_compilat
   want_state, want_mean = compiled(*_toy_inputs(args))
   got_state, got_mean = loaded(state, batch)
   np.testing.assert_array_equal(got_state["w"], want_state["w"])
+  np.testing.assert_array_equal(got_state["w"], TOY_NEW_W)
   assert float(got_mean) == float(want_mean) == 15.5
   assert state["w"].is_deleted()  # the state is donated, as the compiled program says
   with pytest.raises(TypeError):
@@ -85,8 +90,7 @@ def test_a_program_on_fewer_devices_loads_on_those_devices(fresh_compilation_cac
   assert origin == "disk"
   new_state, _ = loaded(*_toy_inputs(args))
   assert new_state["w"].sharding.device_set == set(jax.devices()[2:4])
-  np.testing.assert_array_equal(new_state["w"], np.arange(4) * 2.0 + np.array([112, 120, 128,
-                                                                                136]))
+  np.testing.assert_array_equal(new_state["w"], TOY_NEW_W)
 
 
 def test_a_program_jax_read_back_from_its_cache_is_not_written(fresh_compilation_cache,
@@ -100,8 +104,7 @@ def test_a_program_jax_read_back_from_its_cache_is_not_written(fresh_compilation
   compiled, origin = executable_cache.load_or_compile("toy", jitted, args, description="v1")
   assert origin == "compiled" and not _written(fresh_compilation_cache)
   new_state, _ = compiled(*_toy_inputs(args))
-  np.testing.assert_array_equal(new_state["w"], np.arange(4) * 2.0 + np.array([112, 120, 128,
-                                                                               136]))
+  np.testing.assert_array_equal(new_state["w"], TOY_NEW_W)
 
 
 def test_an_unreadable_file_is_reported_removed_and_compiled_again(fresh_compilation_cache,
