@@ -161,7 +161,9 @@ def _device_ids(compiled) -> Tuple[int, ...]:
   """The ids of the devices the program runs on, in its device assignment's order (loading
   needs them: by default jax would load it for all devices)."""
   unloaded = getattr(compiled._executable, "_unloaded_executable", None)  # pylint: disable=protected-access
-  device_list = getattr(unloaded, "device_list", None)
+  device_list = getattr(unloaded, "device_list", None)  # older jax named it device_assignment
+  if device_list is None:
+    device_list = getattr(unloaded, "device_assignment", None)
   if device_list is None:
     raise ValueError("this jax does not say which devices a compiled program runs on")
   return tuple(d.id for d in device_list)

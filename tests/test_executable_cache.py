@@ -222,3 +222,14 @@ def test_a_program_that_cannot_be_written_is_still_returned(fresh_compilation_ca
                       "jax's executables have no '_unloaded_executable')"]
   new_state, _ = compiled(*_toy_inputs(args))
   assert new_state["w"].shape == (4,)
+
+
+def test_the_device_order_is_read_under_either_name_jax_has_used():
+  devices = jax.devices()[3:5]
+  for name in ("device_list", "device_assignment"):
+    unloaded = type("Unloaded", (), {name: devices})()
+    compiled = type("Compiled", (), {"_executable": type("E", (), {
+        "_unloaded_executable": unloaded})()})()
+    assert executable_cache._device_ids(compiled) == (3, 4)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="which devices"):
+    executable_cache._device_ids(type("C", (), {"_executable": None})())  # pylint: disable=protected-access
