@@ -1,6 +1,7 @@
 """The checkpoints package: the partial merge, params round trips, one error class."""
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from deris_jax import checkpoints, trees
@@ -63,6 +64,25 @@ def test_params_round_trip_int_keyed_nnx_dicts(tmp_path):
   np.testing.assert_array_equal(restored["layers"][0]["w"], [0, 1, 2])
   flat = trees.named_leaves(as_saved)
   assert trees.named_leaves(trees.unflatten_like(flat, params)).keys() == flat.keys()
+
+
+def test_stored_shapes_read_names_shapes_and_dtypes_without_arrays(tmp_path, monkeypatch):
+  params = {"layers": {0: {"w": np.zeros((2, 3), jax.numpy.bfloat16)}},
+            "head": np.zeros((4,), np.float32)}
+  checkpoints.save_params(tmp_path / "p", params, metadata={"kind": "converted"}, step=3)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", lambda *a, **k: pytest.fail("read"))
+  shapes = checkpoints.stored_shapes(tmp_path / "p")
+  assert {k: (v.shape, np.dtype(v.dtype)) for k, v in shapes.items()} == {
+      "layers.0.w": ((2, 3), np.dtype(jax.numpy.bfloat16)), "head": ((4,), np.float32)}
+  # The same rule as the merge: shapes from metadata are checked like loaded arrays.
+  expected = {"layers.0.w": jax.ShapeDtypeStruct((2, 3), np.float32),
+              "head": jax.ShapeDtypeStruct((5,), np.float32)}
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"^p: 'head' has shape \(4,\) but .* expects \(5,\)"):
+    checkpoints.check_fit(shapes, expected, partial=False, source="p")
+  expected["head"] = jax.ShapeDtypeStruct((4,), np.float32)
+  assert checkpoints.check_fit(shapes, dict(expected, tail=expected["head"]), partial=True) == [
+      "tail"]
 
 
 def test_one_error_class_for_directories_and_official_files(tmp_path):

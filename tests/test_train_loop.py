@@ -175,18 +175,48 @@ def test_checkpoint_is_readable_by_eval_and_records_the_input_position(uninterru
   np.testing.assert_array_equal(np.asarray(model.decoder.SEG_cls.kernel[...]), kernel)
 
 
-def test_resume_with_another_input_stream_is_refused(setup, uninterrupted, tmp_path):
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails the test if the loop starts compiling its step: the checkpoint checks must refuse
+  a run before that (a process cannot abandon a compile in progress)."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("the train step began to compile before the checkpoints were checked")
+  monkeypatch.setattr(step_lib, "Precompile", refuse)
+  monkeypatch.setattr(step_lib, "jit_train_step", refuse)
+
+
+def test_resume_with_another_input_stream_is_refused(setup, uninterrupted, tmp_path, no_compile):
   workdir = tmp_path / "copy"
   shutil.copytree(uninterrupted["workdir"], workdir)
-  config = _micro_config(setup["data_dir"], "data.batch_size=16")
+  config = _micro_config(setup["data_dir"], "data.batch_size=16", "train.max_steps=20")
   with pytest.raises(checkpoints.CheckpointError, match="steps_per_epoch=9 but the config gives 5"):
     loop.train(config, workdir)
 
 
-def test_init_from_checks_shapes(setup, tmp_path):
+def test_resume_with_another_model_is_refused(setup, uninterrupted, tmp_path, no_compile):
+  workdir = tmp_path / "copy"
+  shutil.copytree(uninterrupted["workdir"], workdir)
+  config = _micro_config(setup["data_dir"], "model.num_queries=5", "train.max_steps=20")
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"step 11: 'cognition.init_query.embedding' has shape \(4, 32\) but the model "
+                           r"built from the config expects \(5, 32\)"):
+    loop.train(config, workdir)
+
+
+def test_init_from_checks_shapes(setup, tmp_path, no_compile):
   config = _micro_config(setup["data_dir"], "model.num_queries=5")
   with pytest.raises(checkpoints.CheckpointError, match="init_query.embedding' has shape"):
     loop.train(config, tmp_path / "w", init_from=str(setup["init_dir"]))
+
+
+def test_init_from_checks_names_and_the_directory(setup, tmp_path, no_compile):
+  config = _micro_config(setup["data_dir"])
+  params = dict(setup["params"], extra={"kernel": np.zeros((2,), np.float32)})
+  checkpoints.save_params(tmp_path / "init", params, metadata=dict(kind="pretrained"))
+  with pytest.raises(checkpoints.CheckpointError, match=r"1 unknown \(e.g. 'extra.kernel'\)"):
+    loop.train(config, tmp_path / "w", init_from=str(tmp_path / "init"))
+  with pytest.raises(checkpoints.CheckpointError, match="missing does not exist"):
+    loop.train(config, tmp_path / "w2", init_from=str(tmp_path / "missing"))
 
 
 def _events(directory: pathlib.Path):

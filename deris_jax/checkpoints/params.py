@@ -1,10 +1,11 @@
 """Parameters in and out of checkpoints: save, restore, the partial merge, a ready model.
 
-`merge_params` is the one place that decides how loaded parameters meet the model built from
-the config: every loaded name must be a parameter of the model with the same shape (cast to
-the model's dtype); parameters the checkpoint lacks are an error, or, for partial
-initialisation (`train.py --init_from`, `convert.py pretrained`), take the values of a fresh
-initialisation.
+`check_fit` is the one place that decides whether loaded parameters fit the model built from
+the config: every loaded name must be a parameter of the model with the same shape;
+parameters the checkpoint lacks are an error, or, for partial initialisation (`train.py
+--init_from`, `convert.py pretrained`), take the values of a fresh initialisation
+(`merge_params`, which also casts to the model's dtype). `stored_shapes` reads a checkpoint's
+names and shapes alone, so a run checks its checkpoint before it compiles anything.
 """
 import pathlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -57,6 +58,54 @@ def restore_params(directory, abstract_params=None,
   return restored[PARAMS], dict(restored[META])
 
 
+def check_fit(loaded: Mapping[str, Any], expected: Mapping[str, Any], *, partial: bool,
+              source: str = "checkpoint") -> List[str]:
+  """Checks that loaded parameters fit the model: every loaded name is one of `expected`'s,
+  with its shape, and (unless `partial`) every expected name is loaded. Values may be arrays
+  or anything with a `.shape` (`stored_shapes`). Returns the expected names not loaded.
+
+  Raises CheckpointError naming the first unknown name, shape mismatch or (not `partial`)
+  missing name.
+  """
+  unknown = [name for name in loaded if name not in expected]
+  missing = [name for name in expected if name not in loaded]
+  if unknown or (missing and not partial):
+    parts = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing and not partial else []
+    parts += [f"{len(unknown)} unknown (e.g. '{unknown[0]}')"] if unknown else []
+    raise CheckpointError(f"{source}: parameters do not fit the model built from the config: "
+                          f"{'; '.join(parts)}. Is it a checkpoint of this model variant?")
+  for name, value in loaded.items():
+    want, got = tuple(expected[name].shape), tuple(np.shape(value))
+    if got != want:
+      raise CheckpointError(f"{source}: '{name}' has shape {got} but the model built from the "
+                            f"config expects {want}. Is it a checkpoint of this model variant?")
+  return missing
+
+
+def stored_shapes(directory, step: Optional[int] = None) -> Flat:
+  """{dotted name: jax.ShapeDtypeStruct} of a checkpoint's params (default: the latest step),
+  from Orbax's metadata: no array is read, so checking a checkpoint against a model
+  (`check_fit`) costs milliseconds whatever its size."""
+  directory = pathlib.Path(directory).absolute()
+  step = latest_step(directory) if step is None else step
+  step_dir = directory / str(step)
+  # A handler for every array item of the step (a train checkpoint also has the optimizer's):
+  # Orbax warns about items it has no handler for.
+  items = sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name != META
+                 ) if step_dir.is_dir() else [PARAMS]
+  with manager(directory, pytree_items=items) as mngr:
+    try:
+      item = mngr.item_metadata(step)[PARAMS]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"{directory} step {step}: cannot read the params' metadata "
+                            f"({e})") from e
+  if item is None:
+    raise CheckpointError(f"{directory} step {step}: the checkpoint has no params item")
+  tree = getattr(item, "tree", item)  # Orbax's tree metadata, or the tree itself (older Orbax)
+  return {name: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+          for name, leaf in trees.named_leaves(tree).items()}
+
+
 def merge_params(loaded: Mapping[str, Any], expected: Mapping[str, Any], *,
                  fill: Optional[Callable[[], Mapping[str, Any]]] = None,
                  source: str = "checkpoint") -> Tuple[Flat, List[str]]:
@@ -74,20 +123,9 @@ def merge_params(loaded: Mapping[str, Any], expected: Mapping[str, Any], *,
     dtype), and the names whose value came from `fill`.
   Raises:
     CheckpointError naming the first unknown name, shape mismatch or (without `fill`)
-    missing name.
+    missing name (`check_fit`).
   """
-  unknown = [name for name in loaded if name not in expected]
-  missing = [name for name in expected if name not in loaded]
-  if unknown or (missing and fill is None):
-    parts = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing and fill is None else []
-    parts += [f"{len(unknown)} unknown (e.g. '{unknown[0]}')"] if unknown else []
-    raise CheckpointError(f"{source}: parameters do not fit the model built from the config: "
-                          f"{'; '.join(parts)}. Is it a checkpoint of this model variant?")
-  for name, value in loaded.items():
-    want, got = tuple(expected[name].shape), tuple(np.shape(value))
-    if got != want:
-      raise CheckpointError(f"{source}: '{name}' has shape {got} but the model built from the "
-                            f"config expects {want}. Is it a checkpoint of this model variant?")
+  missing = check_fit(loaded, expected, partial=fill is not None, source=source)
   fresh = fill() if missing else {}
   merged = {}
   for name, like in expected.items():

@@ -91,6 +91,24 @@ def _check_resume(meta: Dict[str, Any], position: Dict[str, int], directory) -> 
           "workdir with --init_from to change it.")
 
 
+def _check_checkpoints(trainer: state_lib.Trainer, ckpt: checkpointing.Checkpointer,
+                       resumed_from: Optional[int], init_from: Optional[str],
+                       position: Dict[str, int]) -> None:
+  """What the run will read, checked before the step compiles (from metadata, no array read):
+  a mistaken `--init_from` or a workdir of another config fails in a second, instead of after
+  a compile of minutes that a process cannot abandon. The resumed checkpoint: its input
+  stream and parameters; `--init_from` (not used when resuming): its parameters."""
+  expected = trees.named_leaves(trainer.abstract_state.params)
+  if resumed_from is not None:
+    _check_resume(checkpoints.restore_meta(ckpt.directory, resumed_from), position,
+                  ckpt.directory)
+    checkpoints.check_fit(checkpoints.stored_shapes(ckpt.directory, resumed_from), expected,
+                          partial=False, source=f"{ckpt.directory} step {resumed_from}")
+  elif init_from is not None:
+    checkpoints.check_fit(checkpoints.stored_shapes(init_from), expected, partial=True,
+                          source=f"--init_from {init_from}")
+
+
 def init_params(directory, trainer: state_lib.Trainer, seed: int, report) -> Any:
   """`--init_from`: the train-state params from a checkpoint (`deris_jax.checkpoints` format).
 
@@ -309,6 +327,8 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
              f"({jax.devices()[0].platform}), {jax.process_count()} process(es); global batch "
              f"{global_batch}, {num_examples} training examples, {spe} steps per epoch, "
              f"{total} steps")
+  _check_checkpoints(trainer, ckpt, resumed_from, init_from,
+                     _data_position(resumed_from or 0, spe, config))
   # The step compiles (or loads from the persistent cache) beside the state and the pipeline.
   precompile = None if (resumed_from or 0) >= total else step_lib.Precompile(
       trainer, batch_lib.abstract(config.data, global_batch, S.batch_sharding(mesh)),
@@ -316,8 +336,7 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
   t0 = time.perf_counter()
   meta = {}
   if resumed_from is not None:
-    state, meta = ckpt.restore(trainer)
-    _check_resume(meta, _data_position(resumed_from, spe, config), ckpt.directory)
+    state, meta = ckpt.restore(trainer)  # its input stream was checked above
     report.log(f"resumed from step {resumed_from} in {ckpt.directory}")
   else:
     state = _init_state(trainer, config, init_from, report)
