@@ -1,12 +1,13 @@
 """Compile time of the training programs, repeated stacks looped vs scanned (BENCHMARKS.md).
 
   python -m benchmarks.compile_time [--program grad|step] [--variants b,l]
-      [--layouts loop,scan] [--repeats 1] [--batch 2]
+      [--layouts loop,scan] [--repeats 1] [--batch 2] [--no_compile]
 
 For each released variant (configs/deris.py:variant=V,data=refcoco) and layout, a fresh
 subprocess lowers and compiles, on abstract parameters and batch (`jax.ShapeDtypeStruct`s:
-nothing is allocated), one program and prints one line: lowering seconds, compile seconds,
-optimised HLO instructions. Programs:
+nothing is allocated), one program and prints one line: tracing and lowering seconds, compile
+seconds, optimised HLO instructions (`--no_compile`: tracing and lowering only, what a start
+pays before XLA, e.g. `train.py --dry_run` on the released configs). Programs:
   grad  `jax.grad` of the training loss (`step.make_loss_fn`: forward with train=True, the
         official loss; gradients of the trainable parameters, the frozen Swin gets none, as
         in training), compiled with the train step's XLA:CPU options (`cpu_options`);
@@ -30,20 +31,26 @@ import time
 LAYOUTS = ("loop", "beit3", "beit3+swin", "scan")
 
 
-def lower_and_compile(jitted, args) -> dict:
-  """Seconds to lower and to compile `jitted` at `args`, and the optimised HLO's size."""
+def lower_and_compile(jitted, args, compile: bool = True) -> dict:
+  """Seconds to trace, to lower (the two together: lower_s) and to compile `jitted` at
+  `args`, and the optimised HLO's size (not compiled: the lowered module's operations)."""
   import jax
   t0 = time.perf_counter()
-  lowered = jitted.lower(*args)
+  traced = jitted.trace(*args)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  lowered = traced.lower()
   t2 = time.perf_counter()
-  return dict(lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
-              hlo_instructions=compiled.as_text().count(" = "), jax=jax.__version__,
-              platform=jax.devices()[0].platform)
+  row = dict(trace_s=round(t1 - t0, 2), lower_s=round(t2 - t0, 1), jax=jax.__version__,
+             platform=jax.devices()[0].platform)
+  if not compile:
+    return dict(row, compile_s=None, hlo_instructions=None,
+                mlir_operations=lowered.as_text().count(" = "))
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  return dict(row, compile_s=round(t3 - t2, 1), hlo_instructions=compiled.as_text().count(" = "))
 
 
-def measure(program: str, variant: str, layout: str, batch: int) -> dict:
+def measure(program: str, variant: str, layout: str, batch: int, compile: bool = True) -> dict:
   os.environ["DERIS_JAX_CACHE"] = "off"
   import dataclasses
 
@@ -77,7 +84,7 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   row = dict(program=program, variant=variant, layout=layout, batch=batch)
   if program == "step":
     return dict(row, **lower_and_compile(step_lib.jit_train_step(trainer),
-                                         (trainer.sharded_abstract_state(), batch_spec)))
+                                         (trainer.sharded_abstract_state(), batch_spec), compile))
 
   # The training loss as the step computes it (`step.make_loss_fn`), compiled with the step's
   # XLA options; its gradient in the trainable parameters only.
@@ -86,7 +93,7 @@ def measure(program: str, variant: str, layout: str, batch: int) -> dict:
   grad = jax.jit(jax.grad(lambda *a: loss_fn(*a)[0]),
                  compiler_options=cpu_options.compiler_options(mesh.devices.flat[0].platform))
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return dict(row, **lower_and_compile(grad, (trainable, frozen, batch_spec, key)))
+  return dict(row, **lower_and_compile(grad, (trainable, frozen, batch_spec, key), compile))
 
 
 def main(argv=None) -> int:
@@ -96,12 +103,15 @@ def main(argv=None) -> int:
   parser.add_argument("--layouts", default=",".join(LAYOUTS))
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--no_compile", action="store_true",
+                      help="trace and lower only (seconds of each)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:LAYOUT, in the subprocess
   args = parser.parse_args(argv)
   if args.one:
     variant, layout = args.one.split(":")
-    print(json.dumps(measure(args.program, variant, layout, args.batch)), flush=True)
+    print(json.dumps(measure(args.program, variant, layout, args.batch,
+                             compile=not args.no_compile)), flush=True)
     return 0
   layouts = args.layouts.split(",")
   unknown = set(layouts) - set(LAYOUTS)
@@ -114,16 +124,22 @@ def main(argv=None) -> int:
       for layout in layouts:
         done = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--one",
                                f"{variant}:{layout}", "--batch", str(args.batch),
-                               "--program", args.program],
+                               "--program", args.program,
+                               *(["--no_compile"] if args.no_compile else [])],
                               capture_output=True, text=True, cwd=root)
         if done.returncode:
           print(done.stderr[-3000:], file=sys.stderr)
           return done.returncode
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{args.program} DeRIS-{variant.upper()} {layout:<10} lower {row['lower_s']:5.1f} s"
-              f"  compile {row['compile_s']:6.1f} s  HLO instructions {row['hlo_instructions']:7d}",
-              flush=True)
+        line = (f"{args.program} DeRIS-{variant.upper()} {layout:<10} trace {row['trace_s']:5.2f} s"
+                f"  trace + lower {row['lower_s']:5.1f} s")
+        if args.no_compile:
+          line += f"  MLIR operations {row['mlir_operations']:7d}"
+        else:
+          line += (f"  compile {row['compile_s']:6.1f} s  HLO instructions "
+                   f"{row['hlo_instructions']:7d}")
+        print(line, flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
