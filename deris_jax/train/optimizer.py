@@ -11,6 +11,11 @@ of the *raw* second moment and divides it by the bias correction afterwards
 (`denom = sqrt(max(v)) / sqrt(1 - b2^t) + eps`); optax takes the max of the *bias-corrected*
 moments, which gives different updates from the second step on. `torch.nn.utils.clip_grad_norm_`
 scales by `max_norm / (norm + 1e-6)` when that is < 1. Both are reproduced here exactly.
+
+The per-leaf arithmetic is written with `jax.lax` ops (the same primitives, in the same order,
+as the `jnp` operators would emit): tracing a jnp operator goes through a jitted ufunc per
+call, which for the ~900 parameter leaves of DeRIS-B (x 2 norms + the Adam update) was about a
+third of the train step's tracing time (BENCHMARKS.md).
 """
 from typing import Any, Callable, Dict, NamedTuple
 
@@ -18,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import optax
+from jax import lax
 
 from deris_jax import trees
 from deris_jax.train import params as params_lib
@@ -25,11 +31,23 @@ from deris_jax.train import params as params_lib
 TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (norm + 1e-6)
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
+
+
+def _as(x: jax.Array, dtype) -> jax.Array:
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
 def global_norm(tree) -> jax.Array:
-  """() float32 L2 norm over every leaf."""
-  if not jax.tree_util.tree_leaves(tree):
-    return jnp.zeros((), jnp.float32)
-  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+  """() float32 L2 norm over every leaf: sqrt of the sum, leaf by leaf, of each leaf's sum of
+  squares in float32 (optax.global_norm's order)."""
+  total = None
+  for leaf in jax.tree_util.tree_leaves(tree):
+    x = _f32(leaf)
+    squares = lax.reduce_sum(lax.mul(x, x), tuple(range(x.ndim)))  # ()
+    total = squares if total is None else lax.add(total, squares)
+  return jnp.zeros((), jnp.float32) if total is None else lax.sqrt(total)
 
 
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
@@ -37,8 +55,8 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    coef = jnp.minimum(max_norm / (global_norm(updates) + TORCH_CLIP_EPS), 1.0)
-    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+    coef = jnp.minimum(max_norm / (global_norm(updates) + TORCH_CLIP_EPS), 1.0)  # ()
+    return jax.tree.map(lambda g: _as(lax.mul(g, _as(coef, g.dtype)), g.dtype), updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -66,16 +84,17 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float, amsgrad: bool,
     del params
     count = state.count + 1
     t = count.astype(jnp.float32)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g.astype(jnp.float32), state.mu,
-                      updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g.astype(jnp.float32)),
+    mu = jax.tree.map(lambda m, g: lax.add(lax.mul(m, b1), lax.mul(_f32(g), 1.0 - b1)),
+                      state.mu, updates)
+    nu = jax.tree.map(lambda v, g: lax.add(lax.mul(v, b2), lax.mul(lax.square(_f32(g)), 1.0 - b2)),
                       state.nu, updates)
-    nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
+    nu_max = jax.tree.map(lax.max, state.nu_max, nu) if amsgrad else ()
     second = nu_max if amsgrad else nu
-    bc1 = 1.0 - b1 ** t
-    bc2_sqrt = jnp.sqrt(1.0 - b2 ** t)
-    out = jax.tree.map(lambda m, v, g: ((m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)).astype(
-        g.dtype), mu, second, updates)
+    bc1 = 1.0 - b1 ** t  # ()
+    bc2_sqrt = jnp.sqrt(1.0 - b2 ** t)  # ()
+    out = jax.tree.map(lambda m, v, g: _as(lax.div(
+        lax.div(m, bc1), lax.add(lax.div(lax.sqrt(v), bc2_sqrt), eps)), g.dtype),
+        mu, second, updates)
     return out, TorchAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
   return optax.GradientTransformation(init, update)
@@ -96,7 +115,8 @@ def scale_by_learning_rate(schedule: Callable[[jax.Array], jax.Array],
   def update(updates, state, params=None):
     del params
     lr = schedule(state.count)
-    out = jax.tree.map(lambda g, m: (g * (-lr * m)).astype(g.dtype), updates, multipliers)
+    out = jax.tree.map(lambda g, m: _as(lax.mul(g, _as(-lr * m, g.dtype)), g.dtype), updates,
+                       multipliers)
     return out, LearningRateState(count=state.count + 1)
 
   return optax.GradientTransformation(init, update)
