@@ -115,7 +115,9 @@ def scale_by_learning_rate(schedule: Callable[[jax.Array], jax.Array],
   def update(updates, state, params=None):
     del params
     lr = schedule(state.count)
-    out = jax.tree.map(lambda g, m: _as(lax.mul(g, _as(-lr * m, g.dtype)), g.dtype), updates,
+    # One scale per distinct multiplier (a few), not per leaf: the same scalar ops either way.
+    scales = {m: -lr * m for m in set(jax.tree.leaves(multipliers))}  # {multiplier: ()}
+    out = jax.tree.map(lambda g, m: _as(lax.mul(g, _as(scales[m], g.dtype)), g.dtype), updates,
                        multipliers)
     return out, LearningRateState(count=state.count + 1)
 
