@@ -198,8 +198,8 @@ def test_resume_with_another_model_is_refused(setup, uninterrupted, tmp_path, no
   shutil.copytree(uninterrupted["workdir"], workdir)
   config = _micro_config(setup["data_dir"], "model.num_queries=5", "train.max_steps=20")
   with pytest.raises(checkpoints.CheckpointError,
-                     match=r"step 11: 'cognition.init_query.embedding' has shape \(4, 32\) but the model "
-                           r"built from the config expects \(5, 32\)"):
+                     match=r"step 11: 'cognition.init_query.embedding' has shape \(4, 32\) but "
+                           r"the model built from the config expects \(5, 32\)"):
     loop.train(config, workdir)
 
 

@@ -92,14 +92,14 @@ def _check_resume(meta: Dict[str, Any], position: Dict[str, int], directory) -> 
 
 
 def _check_checkpoints(trainer: state_lib.Trainer, ckpt: checkpointing.Checkpointer,
-                       resumed_from: Optional[int], init_from: Optional[str],
-                       position: Dict[str, int]) -> None:
+                       resumed_from: Optional[int], init_from: Optional[str]) -> None:
   """What the run will read, checked before the step compiles (from metadata, no array read):
   a mistaken `--init_from` or a workdir of another config fails in a second, instead of after
   a compile of minutes that a process cannot abandon. The resumed checkpoint: its input
   stream and parameters; `--init_from` (not used when resuming): its parameters."""
   expected = trees.named_leaves(trainer.abstract_state.params)
   if resumed_from is not None:
+    position = _data_position(resumed_from, trainer.steps_per_epoch, trainer.config)
     _check_resume(checkpoints.restore_meta(ckpt.directory, resumed_from), position,
                   ckpt.directory)
     checkpoints.check_fit(checkpoints.stored_shapes(ckpt.directory, resumed_from), expected,
@@ -327,8 +327,7 @@ def train(config: mlc.ConfigDict, workdir, *, init_from: Optional[str] = None,
              f"({jax.devices()[0].platform}), {jax.process_count()} process(es); global batch "
              f"{global_batch}, {num_examples} training examples, {spe} steps per epoch, "
              f"{total} steps")
-  _check_checkpoints(trainer, ckpt, resumed_from, init_from,
-                     _data_position(resumed_from or 0, spe, config))
+  _check_checkpoints(trainer, ckpt, resumed_from, init_from)
   # The step compiles (or loads from the persistent cache) beside the state and the pipeline.
   precompile = None if (resumed_from or 0) >= total else step_lib.Precompile(
       trainer, batch_lib.abstract(config.data, global_batch, S.batch_sharding(mesh)),

@@ -31,10 +31,6 @@ from deris_jax.train import params as params_lib
 TORCH_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (norm + 1e-6)
 
 
-def _f32(x: jax.Array) -> jax.Array:
-  return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
-
-
 def _as(x: jax.Array, dtype) -> jax.Array:
   return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
@@ -44,7 +40,7 @@ def global_norm(tree) -> jax.Array:
   squares in float32 (optax.global_norm's order)."""
   total = None
   for leaf in jax.tree_util.tree_leaves(tree):
-    x = _f32(leaf)
+    x = _as(leaf, jnp.float32)
     squares = lax.reduce_sum(lax.mul(x, x), tuple(range(x.ndim)))  # ()
     total = squares if total is None else lax.add(total, squares)
   return jnp.zeros((), jnp.float32) if total is None else lax.sqrt(total)
@@ -84,9 +80,10 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float, amsgrad: bool,
     del params
     count = state.count + 1
     t = count.astype(jnp.float32)
-    mu = jax.tree.map(lambda m, g: lax.add(lax.mul(m, b1), lax.mul(_f32(g), 1.0 - b1)),
+    f32 = lambda g: _as(g, jnp.float32)  # noqa: E731
+    mu = jax.tree.map(lambda m, g: lax.add(lax.mul(m, b1), lax.mul(f32(g), 1.0 - b1)),
                       state.mu, updates)
-    nu = jax.tree.map(lambda v, g: lax.add(lax.mul(v, b2), lax.mul(lax.square(_f32(g)), 1.0 - b2)),
+    nu = jax.tree.map(lambda v, g: lax.add(lax.mul(v, b2), lax.mul(lax.square(f32(g)), 1.0 - b2)),
                       state.nu, updates)
     nu_max = jax.tree.map(lax.max, state.nu_max, nu) if amsgrad else ()
     second = nu_max if amsgrad else nu
