@@ -54,14 +54,16 @@ def _grads(t):
           "beit3": {"b": jnp.asarray(gb, jnp.float32)}}
 
 
-def _run(tx, steps=5):
+def _run(tx, steps=5, norm_given=False):
+  """`norm_given`: pass the gradients' norm to the update, as the train step does."""
   params = {"decoder": {"w": jnp.asarray(W0, jnp.float32)},
             "beit3": {"b": jnp.asarray(B0, jnp.float32)}}
   state = tx.init(params)
   out = []
   for t in range(steps):
     grads = _grads(t)
-    updates, state = tx.update(grads, state, params)
+    extra = dict(grad_norm=opt_lib.global_norm(grads)) if norm_given else {}
+    updates, state = tx.update(grads, state, params, **extra)
     params = optax.apply_updates(params, updates)
     out.append((float(opt_lib.global_norm(grads)), np.asarray(params["decoder"]["w"]),
                 np.asarray(params["beit3"]["b"])))
@@ -74,15 +76,27 @@ def _opt_config():
   return config
 
 
-def test_optimizer_reproduces_pytorch_adam_amsgrad_with_clipping_and_groups():
+@pytest.mark.parametrize("norm_given", [False, True])
+def test_optimizer_reproduces_pytorch_adam_amsgrad_with_clipping_and_groups(norm_given):
   factors = jnp.asarray(FACTORS, jnp.float32)
   schedule = lambda step: 1e-4 * factors[step]  # noqa: E731
   params = {"decoder": {"w": jnp.zeros((2, 3))}, "beit3": {"b": jnp.zeros((3,))}}
-  got = _run(opt_lib.build_optimizer(_opt_config(), schedule, params))
+  got = _run(opt_lib.build_optimizer(_opt_config(), schedule, params), norm_given=norm_given)
   for t, ((norm, w, b), (want_norm, want_w, want_b)) in enumerate(zip(got, TORCH_STEPS)):
     np.testing.assert_allclose(norm, want_norm, rtol=1e-6, err_msg=f"step {t} grad norm")
     np.testing.assert_allclose(w, want_w, rtol=2e-7, atol=1e-9, err_msg=f"step {t} w (lr x1)")
     np.testing.assert_allclose(b, want_b, rtol=2e-7, atol=1e-9, err_msg=f"step {t} b (x0.5)")
+
+
+def test_the_clip_uses_the_norm_it_is_given():
+  grads = _grads(0)
+  clip = opt_lib.clip_by_global_norm_torch(0.15)
+  own, _ = clip.update(grads, clip.init(grads))
+  given, _ = clip.update(grads, clip.init(grads), grad_norm=opt_lib.global_norm(grads))
+  doubled, _ = clip.update(grads, clip.init(grads), grad_norm=2 * opt_lib.global_norm(grads))
+  for name, value in trees.named_leaves(own).items():
+    np.testing.assert_array_equal(trees.named_leaves(given)[name], value)
+    np.testing.assert_allclose(trees.named_leaves(doubled)[name], value / 2, rtol=1e-5)
 
 
 def test_optax_amsgrad_is_not_the_pytorch_rule():

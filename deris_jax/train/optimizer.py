@@ -46,15 +46,19 @@ def global_norm(tree) -> jax.Array:
   return jnp.zeros((), jnp.float32) if total is None else lax.sqrt(total)
 
 
-def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
-  """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (norm_type 2) on the updates."""
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (norm_type 2) on the updates.
 
-  def update(updates, state, params=None):
-    del params
-    coef = jnp.minimum(max_norm / (global_norm(updates) + TORCH_CLIP_EPS), 1.0)  # ()
+  `update(..., grad_norm=N)` takes the updates' `global_norm` from a caller that computed it
+  already (the train step logs it), instead of tracing the same per-leaf sums a second time."""
+
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = global_norm(updates) if grad_norm is None else grad_norm  # ()
+    coef = jnp.minimum(max_norm / (norm + TORCH_CLIP_EPS), 1.0)  # ()
     return jax.tree.map(lambda g: _as(lax.mul(g, _as(coef, g.dtype)), g.dtype), updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 class TorchAdamState(NamedTuple):

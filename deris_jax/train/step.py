@@ -73,8 +73,8 @@ def train_step_fn(trainer: Trainer) -> Callable[[TrainState, dict], Tuple[TrainS
     trainable, frozen = trainer.split_params(state.params)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen,
                                                                        batch, key)
-    grad_norm = opt_lib.global_norm(grads)
-    updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable)
+    grad_norm = opt_lib.global_norm(grads)  # () logged, and the clip's (the same value)
+    updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable, grad_norm=grad_norm)
     new_params = params_lib.merge_trees(optax.apply_updates(trainable, updates), frozen)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
