@@ -14,8 +14,9 @@ scales by `max_norm / (norm + 1e-6)` when that is < 1. Both are reproduced here 
 
 The per-leaf arithmetic is written with `jax.lax` ops (the same primitives, in the same order,
 as the `jnp` operators would emit): tracing a jnp operator goes through a jitted ufunc per
-call, which for the ~900 parameter leaves of DeRIS-B (x 2 norms + the Adam update) was about a
-third of the train step's tracing time (BENCHMARKS.md).
+call, which for the ~900 parameter leaves of DeRIS-B (the gradient norm, then traced twice, and
+the Adam update) was about a third of the train step's tracing time (BENCHMARKS.md). The clip
+now reuses the norm the train step computes (`grad_norm`).
 """
 from typing import Any, Callable, Dict, NamedTuple
 
