@@ -39,6 +39,7 @@ from deris_jax.data import prepare
 from deris_jax.train import checkpointing
 from deris_jax.train import loop
 from deris_jax.train import reporting
+from deris_jax.train import schedule
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
 
@@ -244,6 +245,18 @@ def test_tensorboard_has_the_loss_terms_lr_and_grad_norm(uninterrupted):
   logged = {step: value for tag, step, value in events if tag == "train/loss"}
   losses = uninterrupted["result"].losses
   np.testing.assert_allclose(logged[2], np.mean([losses[0], losses[1]]), rtol=1e-6)
+  # The learning rate follows the state's 9 steps per epoch: epoch 0's factor for steps 0-8,
+  # epoch 1's from step 9 (each logged value is the mean over the steps since the last log).
+  config = uninterrupted["config"]
+  base = [config.optimizer.lr * schedule.epoch_factor(config.schedule, e, config.train.epochs)
+          for e in (0, 1)]
+  assert base[0] != base[1]
+  lrs = {step: value for tag, step, value in events if tag == "train/lr"}
+  want = {2: base[0], 4: base[0], 6: base[0], 8: base[0], 10: (base[0] + base[1]) / 2,
+          11: base[1]}
+  assert set(lrs) == set(want)
+  for step, value in want.items():
+    np.testing.assert_allclose(lrs[step], value, rtol=1e-6, err_msg=f"lr logged at step {step}")
 
 
 def test_evaluates_every_k_steps_and_at_the_end(uninterrupted):

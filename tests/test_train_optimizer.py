@@ -63,7 +63,7 @@ def _run(tx, steps=5, norm_given=False):
   for t in range(steps):
     grads = _grads(t)
     extra = dict(grad_norm=opt_lib.global_norm(grads)) if norm_given else {}
-    updates, state = tx.update(grads, state, params, **extra)
+    updates, state = tx.update(grads, state, params, steps_per_epoch=jnp.int32(1), **extra)
     params = optax.apply_updates(params, updates)
     out.append((float(opt_lib.global_norm(grads)), np.asarray(params["decoder"]["w"]),
                 np.asarray(params["beit3"]["b"])))
@@ -79,7 +79,7 @@ def _opt_config():
 @pytest.mark.parametrize("norm_given", [False, True])
 def test_optimizer_reproduces_pytorch_adam_amsgrad_with_clipping_and_groups(norm_given):
   factors = jnp.asarray(FACTORS, jnp.float32)
-  schedule = lambda step: 1e-4 * factors[step]  # noqa: E731
+  schedule = lambda step, steps_per_epoch: 1e-4 * factors[step // steps_per_epoch]  # noqa: E731
   params = {"decoder": {"w": jnp.zeros((2, 3))}, "beit3": {"b": jnp.zeros((3,))}}
   got = _run(opt_lib.build_optimizer(_opt_config(), schedule, params), norm_given=norm_given)
   for t, ((norm, w, b), (want_norm, want_w, want_b)) in enumerate(zip(got, TORCH_STEPS)):
@@ -159,9 +159,32 @@ def test_schedules_match_the_official_epoch_factors():
 
 def test_lr_is_constant_within_an_epoch():
   config = load_config("configs/deris_b_refcoco.py")
-  lr = sched_lib.make_lr_schedule(1e-4, config.schedule, epochs=20, steps_per_epoch=3)
-  got = np.asarray([lr(jnp.int32(s)) for s in (0, 2, 3, 41, 42, 59, 60, 1000)])
+  lr = sched_lib.make_lr_schedule(1e-4, config.schedule, epochs=20)
+  got = np.asarray([lr(jnp.int32(s), 3) for s in (0, 2, 3, 41, 42, 59, 60, 1000)])
   np.testing.assert_allclose(got, [5e-5, 5e-5, 1e-4, 1e-4, 1e-5, 1e-6, 1e-6, 1e-6], rtol=1e-6)
+
+
+def test_steps_per_epoch_is_a_value_of_one_program():
+  # The train step reads steps per epoch from its state: one traced schedule for any dataset.
+  config = load_config("configs/deris_b_refcoco.py")
+  lr = jax.jit(sched_lib.make_lr_schedule(1e-4, config.schedule, epochs=20))
+  for spe, step, want in ((3, 3, 1e-4), (3, 42, 1e-5), (7, 6, 5e-5), (7, 7, 1e-4),
+                          (1, 13, 1e-4), (1, 14, 1e-5), (1, 18, 1e-6)):
+    np.testing.assert_allclose(lr(jnp.int32(step), jnp.int32(spe)), want, rtol=1e-6,
+                               err_msg=f"step {step}, {spe} steps per epoch")
+  assert lr._cache_size() == 1
+
+
+def test_the_learning_rate_transform_needs_the_steps_per_epoch():
+  config = load_config("configs/deris_b_refcoco.py")
+  schedule = sched_lib.make_lr_schedule(1e-4, config.schedule, epochs=20)
+  params = {"w": jnp.ones((2,))}
+  tx = opt_lib.build_optimizer(config.optimizer, schedule, params)
+  state = tx.init(params)
+  with pytest.raises(TypeError, match="needs update\\(..., steps_per_epoch=N\\)"):
+    tx.update(params, state, params)
+  updates, _ = tx.update(params, state, params, steps_per_epoch=jnp.int32(5))
+  assert np.all(np.asarray(updates["w"]) < 0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -47,6 +47,7 @@ def test_host_params_have_the_abstract_tree_and_follow_the_seed(trainer):
 def test_init_state_from_host_params_lands_in_the_state_shardings(trainer):
   state = state_lib.init_state(trainer, seed=0)
   assert int(state.step) == 0 and int(state.first_nonfinite_step) == -1
+  assert int(state.steps_per_epoch) == trainer.steps_per_epoch == 9
   shardings = trees.named_leaves(trainer.state_shardings.params)
   for name, leaf in trees.named_leaves(state.params).items():
     assert leaf.sharding == shardings[name], name
@@ -62,10 +63,17 @@ def test_unknown_init_mode_is_refused(trainer):
     state_lib.fresh_params(bad, seed=0)
 
 
+@pytest.mark.parametrize("spe", [0, -3, 2.5])
+def test_steps_per_epoch_below_one_is_refused(trainer, spe):
+  with pytest.raises(ValueError, match=f"steps_per_epoch={spe} must be an integer >= 1"):
+    state_lib.make_trainer(trainer.config, trainer.mesh, steps_per_epoch=spe)
+
+
 def test_one_jitted_step_per_program(monkeypatch):
   """Trainers of the same program share one jitted step (compiled once per process); a
-  change the program reads (loss, schedule length, steps per epoch, model, XLA:CPU options)
-  gives another, and a field it does not read (evaluation, checkpoints) does not."""
+  change the program reads (loss, schedule length, model, XLA:CPU options) gives another, and
+  what it does not read (evaluation, checkpoints, the steps per epoch of the data: a value of
+  the state) does not."""
   def step_of(*overrides, spe=9):
     config = load_config("configs/deris_micro.py", list(overrides))
     return step_lib.jit_train_step(
@@ -75,11 +83,12 @@ def test_one_jitted_step_per_program(monkeypatch):
   first = step_of()
   assert step_of() is first
   assert step_of("train.checkpoint_every_steps=3", "train.max_steps=5") is first
+  assert step_of(spe=10) is first and step_of(spe=1) is first
   monkeypatch.setenv(cpu_options.ENV, "on")
   assert step_of() is not first
   monkeypatch.setenv(cpu_options.ENV, "off")
   assert step_of() is first
-  for other in (step_of("loss.num_points=32"), step_of("train.epochs=7"), step_of(spe=10),
+  for other in (step_of("loss.num_points=32"), step_of("train.epochs=7"),
                 step_of("model.dtype=bfloat16")):
     assert other is not first
   # The same config with another model structure (benchmarks swap the graphdef).

@@ -103,7 +103,9 @@ class Checkpointer:
     state = TrainState(step=restored[TRAIN]["step"], params=restored[checkpoints.PARAMS],
                        opt_state=opt_state, rng=restored[TRAIN]["rng"],
                        first_nonfinite_step=jax.device_put(np.int32(-1),
-                                                        shardings.first_nonfinite_step))
+                                                        shardings.first_nonfinite_step),
+                       steps_per_epoch=jax.device_put(np.int32(trainer.steps_per_epoch),
+                                                      shardings.steps_per_epoch))
     return state, dict(restored[checkpoints.META])
 
   def wait(self) -> None:

@@ -42,10 +42,10 @@ from deris_jax.train import step as step_lib
 
 # The config sections `loop.train` reads.
 TRAIN_SECTIONS = ("model", "data", "loss", "optimizer", "schedule", "train", "mesh", "sharding")
-# The learning-rate schedule needs steps per epoch, which needs the prepared dataset; the dry
-# run builds it with this placeholder. It changes no shape and no program structure (the
-# schedule is a function of the traced step).
-PLACEHOLDER_STEPS_PER_EPOCH = 1
+# Steps per epoch needs the prepared dataset, which a dry run does not read. It is a value of
+# the train state, not part of any program: the dry run builds the trainer with any value and
+# lowers (and compiles) the very train step the run will, which its compile leaves in the caches.
+ANY_STEPS_PER_EPOCH = 1
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -268,12 +268,7 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
                          f"per device x {batch_devices(mesh)} batch device(s)")
 
     stage = "trainer"
-    # Steps per epoch need the prepared dataset; a placeholder builds the same programs.
-    trainer = state_lib.make_trainer(config, mesh,
-                                     steps_per_epoch=PLACEHOLDER_STEPS_PER_EPOCH)
-    report.notes.append(f"schedule built with a placeholder of {PLACEHOLDER_STEPS_PER_EPOCH} "
-                        "step per epoch (the real number needs the dataset; no shape depends "
-                        "on it)")
+    trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=ANY_STEPS_PER_EPOCH)
     params = trainer.abstract_state.params
     trainable, frozen = trainer.split_params(params)
     report.trainable_params, report.frozen_params = _elements(trainable), _elements(frozen)

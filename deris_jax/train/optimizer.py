@@ -106,24 +106,27 @@ class LearningRateState(NamedTuple):
   count: jax.Array  # () int32: the 0-based step of the next update
 
 
-def scale_by_learning_rate(schedule: Callable[[jax.Array], jax.Array],
-                           multipliers) -> optax.GradientTransformation:
-  """updates * -schedule(step) * multiplier (a tree of Python floats shaped like params)."""
+def scale_by_learning_rate(schedule: Callable[[jax.Array, jax.Array], jax.Array],
+                           multipliers) -> optax.GradientTransformationExtraArgs:
+  """updates * -schedule(step, steps_per_epoch) * multiplier (a tree of Python floats shaped
+  like params); `update(..., steps_per_epoch=N)` (the train state's) is required."""
 
   def init(params):
     del params
     return LearningRateState(count=jnp.zeros((), jnp.int32))
 
-  def update(updates, state, params=None):
-    del params
-    lr = schedule(state.count)
+  def update(updates, state, params=None, *, steps_per_epoch=None, **extra_args):
+    del params, extra_args
+    if steps_per_epoch is None:
+      raise TypeError("the learning-rate schedule needs update(..., steps_per_epoch=N)")
+    lr = schedule(state.count, steps_per_epoch)
     # One scale per distinct multiplier (a few), not per leaf: the same scalar ops either way.
     scales = {m: -lr * m for m in set(jax.tree.leaves(multipliers))}  # {multiplier: ()}
     out = jax.tree.map(lambda g, m: _as(lax.mul(g, _as(scales[m], g.dtype)), g.dtype), updates,
                        multipliers)
     return out, LearningRateState(count=state.count + 1)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def lr_multiplier(name: str, opt_config: mlc.ConfigDict) -> float:
@@ -144,13 +147,16 @@ def param_groups(params, opt_config: mlc.ConfigDict) -> Dict[str, str]:
 _OPTIMIZERS = ("adam",)
 
 
-def build_optimizer(opt_config: mlc.ConfigDict, schedule: Callable[[jax.Array], jax.Array],
-                    trainable_params) -> optax.GradientTransformation:
-  """The optimizer of the trainable parameters (a tree shaped like `trainable_params`).
+def build_optimizer(opt_config: mlc.ConfigDict,
+                    schedule: Callable[[jax.Array, jax.Array], jax.Array],
+                    trainable_params) -> optax.GradientTransformationExtraArgs:
+  """The optimizer of the trainable parameters (a tree shaped like `trainable_params`);
+  `update(grads, state, params, steps_per_epoch=N[, grad_norm=G])`.
 
   Args:
     opt_config: the `optimizer` config section.
-    schedule: step -> base learning rate x epoch factor (`schedule.make_lr_schedule`).
+    schedule: (step, steps per epoch) -> base learning rate x epoch factor
+      (`schedule.make_lr_schedule`).
     trainable_params: the trainable subtree (arrays or ShapeDtypeStructs); it fixes the
       per-parameter learning-rate multipliers.
   """

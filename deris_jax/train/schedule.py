@@ -6,7 +6,10 @@ LambdaLR stepped once per epoch, so the learning rate is constant within an epoc
   else, decay_epochs set: decay_ratio ** #{s in decay_epochs : epoch + 1 >= s}
   else (linear decay):    (epochs - warmup_epochs - (epoch - warmup_epochs)) /
                           (epochs - warmup_epochs)
-Here the epoch of a step is `step // steps_per_epoch` (0-based steps).
+Here the epoch of a step is `step // steps_per_epoch` (0-based steps). Steps per epoch is an
+argument of the schedule, not a constant of the program: the train step reads it from the
+train state, so runs over datasets of any size (RefCOCO, RefCOCO+, RefCOCOg, or `train.py
+--dry_run`, which has no dataset) compile the same train step and share it through the caches.
 """
 from typing import Callable, Dict
 
@@ -72,18 +75,25 @@ def epoch_factors(schedule_config: mlc.ConfigDict, epochs: int) -> np.ndarray:
                     np.float32)
 
 
-def make_lr_schedule(base_lr: float, schedule_config: mlc.ConfigDict, *, epochs: int,
-                     steps_per_epoch: int) -> Callable[[jnp.ndarray], jnp.ndarray]:
-  """step (0-based int array) -> learning rate (float32): base_lr x factor(step // spe).
+def make_lr_schedule(base_lr: float, schedule_config: mlc.ConfigDict, *, epochs: int
+                     ) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+  """(step, steps_per_epoch) (int arrays, 0-based step) -> learning rate (float32):
+  base_lr x factor(step // steps_per_epoch).
 
-  Steps past the last epoch keep the last epoch's factor.
+  Steps past the last epoch keep the last epoch's factor. Steps per epoch must be >= 1
+  (`check_steps_per_epoch`; the caller checks it on the host).
   """
-  if steps_per_epoch < 1:
-    raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
   lrs = jnp.asarray(base_lr * epoch_factors(schedule_config, epochs), jnp.float32)  # (E,)
 
-  def schedule(step):
-    epoch = jnp.minimum(jnp.asarray(step) // steps_per_epoch, epochs - 1)
+  def schedule(step, steps_per_epoch):
+    epoch = jnp.minimum(jnp.asarray(step) // jnp.asarray(steps_per_epoch), epochs - 1)  # ()
     return lrs[epoch]
 
   return schedule
+
+
+def check_steps_per_epoch(steps_per_epoch: int) -> int:
+  """`steps_per_epoch` as an int, or a ValueError when it is below 1."""
+  if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+    raise ValueError(f"steps_per_epoch={steps_per_epoch} must be an integer >= 1")
+  return int(steps_per_epoch)

@@ -7,6 +7,10 @@ Everything training needs to continue exactly lives in one pytree, donated to ev
   rng                   key data (uint32) of the training key (dropout, drop path, points)
   first_nonfinite_step  () int32, -1 while every loss and gradient was finite; else the first
                         step that was not (that step's update was skipped)
+  steps_per_epoch       () int32, the input stream's (the learning-rate schedule's epoch of a
+                        step); a value, not a constant of the program, so datasets of any size
+                        share one compiled step. Not checkpointed: the run's input stream gives
+                        it (a resume checks that it did not change).
 """
 import dataclasses
 from typing import Any, Callable, Optional
@@ -33,6 +37,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   first_nonfinite_step: jax.Array
+  steps_per_epoch: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +46,12 @@ class Trainer:
   config: mlc.ConfigDict
   graphdef: Any  # nnx.GraphDef of DeRIS
   tx: optax.GradientTransformation
-  lr_schedule: Callable[[jax.Array], jax.Array]  # step -> base lr x epoch factor
+  lr_schedule: Callable[[jax.Array, jax.Array], jax.Array]  # (step, spe) -> base lr x factor
   frozen_patterns: tuple
   abstract_state: TrainState  # ShapeDtypeStructs
   state_shardings: TrainState  # NamedShardings
   mesh: jax.sharding.Mesh
-  steps_per_epoch: int  # the learning-rate schedule's (part of the train step's program)
+  steps_per_epoch: int  # the input stream's; the state carries it (not part of the program)
 
   def split_params(self, params):
     """(trainable, frozen) parameter trees."""
@@ -85,33 +90,36 @@ def make_trainer(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, *, steps_per_e
   graphdef, _ = nnx.split(deris_model.abstract_model(config.model))
   abstract_params = jax.eval_shape(init_params_fn(config.model), jax.random.key(0))
   trainable, _ = params_lib.split_frozen(abstract_params, patterns)
-  lr_schedule = sched_lib.make_lr_schedule(
-      config.optimizer.lr, config.schedule, epochs=config.train.epochs,
-      steps_per_epoch=steps_per_epoch)
+  steps_per_epoch = sched_lib.check_steps_per_epoch(steps_per_epoch)
+  lr_schedule = sched_lib.make_lr_schedule(config.optimizer.lr, config.schedule,
+                                           epochs=config.train.epochs)
   tx = opt_lib.build_optimizer(config.optimizer, lr_schedule, trainable)
   abstract_state = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32),
       params=abstract_params,
       opt_state=jax.eval_shape(tx.init, trainable),
       rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-      first_nonfinite_step=jax.ShapeDtypeStruct((), jnp.int32))
+      first_nonfinite_step=jax.ShapeDtypeStruct((), jnp.int32),
+      steps_per_epoch=jax.ShapeDtypeStruct((), jnp.int32))
   shardings = TrainState(
       step=S.replicated(mesh),
       params=S.tree_shardings(abstract_state.params, mesh, config.sharding, "params."),
       opt_state=S.tree_shardings(abstract_state.opt_state, mesh, config.sharding, "opt_state."),
       rng=S.replicated(mesh),
-      first_nonfinite_step=S.replicated(mesh))
+      first_nonfinite_step=S.replicated(mesh),
+      steps_per_epoch=S.replicated(mesh))
   return Trainer(config=config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
                  frozen_patterns=patterns, abstract_state=abstract_state,
                  state_shardings=shardings, mesh=mesh, steps_per_epoch=steps_per_epoch)
 
 
-def _state_from(trainer: Trainer, params, rng_key) -> TrainState:
+def _state_from(trainer: Trainer, params, rng_key, steps_per_epoch) -> TrainState:
   trainable, _ = trainer.split_params(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=trainer.tx.init(trainable),
                     rng=jax.random.key_data(rng_key),
-                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32),
+                    steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
 
 def keys_from_seed(seed: int):
@@ -156,5 +164,6 @@ def init_state(trainer: Trainer, seed: int, params: Optional[Any] = None) -> Tra
   if params is None:
     params = fresh_params(trainer, seed)
   params = jax.device_put(params, trainer.state_shardings.params)
-  fn = lambda p, t: _state_from(trainer, p, jax.random.wrap_key_data(t))  # noqa
-  return jax.jit(fn, out_shardings=trainer.state_shardings)(params, train_key_data)
+  fn = lambda p, t, spe: _state_from(trainer, p, jax.random.wrap_key_data(t), spe)  # noqa
+  return jax.jit(fn, out_shardings=trainer.state_shardings)(params, train_key_data,
+                                                            np.int32(trainer.steps_per_epoch))

@@ -74,21 +74,24 @@ def train_step_fn(trainer: Trainer) -> Callable[[TrainState, dict], Tuple[TrainS
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen,
                                                                        batch, key)
     grad_norm = opt_lib.global_norm(grads)  # () logged, and the clip's (the same value)
-    updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable, grad_norm=grad_norm)
+    updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable, grad_norm=grad_norm,
+                                           steps_per_epoch=state.steps_per_epoch)
     new_params = params_lib.merge_trees(optax.apply_updates(trainable, updates), frozen)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                           state.first_nonfinite_step)
-    metrics = dict(metrics, grad_norm=grad_norm, lr=trainer.lr_schedule(state.step))
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   lr=trainer.lr_schedule(state.step, state.steps_per_epoch))
     new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state,
-                           rng=state.rng, first_nonfinite_step=first_bad.astype(jnp.int32))
+                           rng=state.rng, first_nonfinite_step=first_bad.astype(jnp.int32),
+                           steps_per_epoch=state.steps_per_epoch)
     return new_state, metrics
 
   return step
 
 
 # The config sections the step's program reads (with the model structure, the mesh and the
-# learning-rate schedule's epochs and steps per epoch; `program_key`).
+# learning-rate schedule's epochs; `program_key`). Steps per epoch is a value of the state.
 PROGRAM_SECTIONS = ("model", "loss", "optimizer", "schedule", "sharding")
 MAX_JITTED_STEPS = 4  # programs kept per process (each holds its compiled executables)
 _jitted_steps: "collections.OrderedDict[Hashable, Tuple[Any, Callable]]" = (
@@ -97,14 +100,14 @@ _jitted_steps: "collections.OrderedDict[Hashable, Tuple[Any, Callable]]" = (
 
 def program_key(trainer: Trainer) -> Hashable:
   """What the train step's program depends on besides the model structure (`graphdef`,
-  compared apart: it is not hashable): config sections, schedule, mesh and the XLA:CPU options
+  compared apart: it is not hashable): config sections, epochs, mesh and the XLA:CPU options
   (`deris_jax.cpu_options`). Trainers with equal keys and graphdefs build the same program
-  (the batch shapes are jit's own cache key)."""
+  (the batch shapes are jit's own cache key), whatever their steps per epoch."""
   config = trainer.config
   sections = tuple(config[name].to_json_best_effort(sort_keys=True) if name in config else None
                    for name in PROGRAM_SECTIONS)
   options = _compiler_options(trainer)
-  return (sections, int(config.train.epochs), trainer.steps_per_epoch, trainer.mesh,
+  return (sections, int(config.train.epochs), trainer.mesh,
           tuple(sorted(options.items())) if options else None)
 
 
