@@ -226,9 +226,25 @@ def _compat_multiple(model_config) -> int:
   return int(model_config.compat_group_size) if model_config.reference_compat else 1
 
 
+def check_batches(batches: List[int], multiple: int, why: str) -> None:
+  """Raises cli.UsageError, before anything is built, for a batch below 1 or not a multiple of
+  `multiple` (`why` says where the multiple comes from)."""
+  for b in batches:
+    if b < 1:
+      raise cli.UsageError(f"--batch {b}: a batch size must be >= 1")
+    if b % multiple:
+      raise cli.UsageError(f"--batch {b}: {why}: use a multiple of {multiple}")
+
+
+def _compat_reason(model_config) -> str:
+  return (f"model.reference_compat attends over groups of model.compat_group_size="
+          f"{model_config.compat_group_size} samples")
+
+
 def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
   """Rows of the jitted forward (`inference.forward_fn`, as eval, predict and the demo run
   it), batch -> `compiled_stats` (for --max_batch), and the multiple every batch must be."""
+  check_batches(batches, _compat_multiple(config.model), _compat_reason(config.model))
   model = abstract_model(config.model)
   graphdef, _ = nnx.split(model)
   params = random_params(params_lib.model_params(model))
@@ -276,7 +292,16 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     common.add_training(config, epochs=1, warmup_epochs=0, decay_epochs=())
   if args.mesh:
     config.mesh.data, config.mesh.fsdp = (int(x) for x in args.mesh.split(","))
-  mesh = S.make_mesh(config.mesh)
+  try:
+    mesh = S.make_mesh(config.mesh)
+  except ValueError as e:
+    raise cli.UsageError(f"--mesh / {e}") from e
+  multiple = math.lcm(_compat_multiple(config.model), mesh.size)
+  why = (f"the batch splits over the {mesh.size} devices of the mesh (data={mesh.shape[S.DATA]}"
+         f", fsdp={mesh.shape[S.FSDP]}; --mesh or config.mesh)")
+  if _compat_multiple(config.model) > 1:
+    why += f" and {_compat_reason(config.model)}"
+  check_batches(batches, multiple, why)
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1000)
   state = state_lib.init_state(trainer, config.train.seed, params=random_params(
       trainer.abstract_state.params, trainer.state_shardings.params))
@@ -321,7 +346,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     row.update(mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}",
                loss=float(jax.device_get(metrics["loss"])))
     rows.append(row)
-  return rows, compile_at, math.lcm(_compat_multiple(config.model), mesh.size)
+  return rows, compile_at, multiple
 
 
 def bench_deform(args) -> List[dict]:
@@ -414,8 +439,14 @@ def main(argv=None) -> int:
       parser.error(str(e))
     if args.dtype:
       config.model.dtype = args.dtype
-    batches = [int(x) for x in args.batch.split(",")]
-    rows, compile_at, multiple = BENCHES[args.mode](config, batches, args)
+    try:
+      batches = [int(x) for x in args.batch.split(",")]
+    except ValueError:
+      parser.error(f"--batch {args.batch!r}: comma-separated integers, e.g. 2 or 1,8")
+    try:
+      rows, compile_at, multiple = BENCHES[args.mode](config, batches, args)
+    except cli.UsageError as e:  # a --batch or --mesh the run cannot take
+      parser.error(str(e))
     if args.peak_tflops:
       for row in rows:
         row["mfu"] = row["gflops_per_image"] * row["images_per_s"] / (args.peak_tflops * 1e3)

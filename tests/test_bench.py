@@ -77,6 +77,41 @@ def test_max_batch_keeps_the_measured_rows_when_the_search_is_cut_short(tmp_path
   assert json.loads(out.read_text()) == [row]
 
 
+@pytest.mark.parametrize("mode, argv, message", [
+    ("train", ["--batch", "2"], "--batch 2: the batch splits over the 8 devices of the mesh "
+     "(data=8, fsdp=1; --mesh or config.mesh) and model.reference_compat attends over groups "
+     "of model.compat_group_size=2 samples: use a multiple of 8"),
+    ("train", ["--batch", "8,12", "--mesh", "4,2"], "--batch 12: the batch splits over the 8 "
+     "devices of the mesh (data=4, fsdp=2; --mesh or config.mesh)"),
+    ("train", ["--batch", "8", "--mesh", "4,1"], "--mesh / config mesh (data=4, fsdp=1) uses 4 "
+     "devices but 8 are present"),
+    ("train", ["--batch", "8", "--config.model.reference_compat=false", "--mesh", "2,4"], None),
+    ("infer", ["--batch", "3"], "--batch 3: model.reference_compat attends over groups of "
+     "model.compat_group_size=2 samples: use a multiple of 2"),
+    ("infer", ["--batch", "0"], "--batch 0: a batch size must be >= 1"),
+    ("infer", ["--batch", "two"], "--batch 'two': comma-separated integers"),
+])
+def test_a_batch_the_program_cannot_take_is_a_usage_error(mode, argv, message, capsys,
+                                                          monkeypatch):
+  # Checked before the model or the state is built (bench.random_params builds them).
+  class Built(Exception):
+    pass
+
+  def built(*args, **kwargs):
+    raise Built
+
+  monkeypatch.setattr(bench, "random_params", built)
+  if message is None:  # a batch that fits gets past the check
+    with pytest.raises(Built):
+      bench.main(["--mode", mode, "--config", MICRO, *argv])
+    return
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--mode", mode, "--config", MICRO, *argv])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err, err
+
+
 def test_gpu_bench_refuses_an_unknown_part_before_it_starts(tmp_path):
   script = ROOT / "tools" / "gpu_bench.sh"
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
