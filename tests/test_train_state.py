@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deris_jax import batch as batch_lib
 from deris_jax import cpu_options
 from deris_jax import sharding as S
 from deris_jax import trees
@@ -67,6 +68,22 @@ def test_unknown_init_mode_is_refused(trainer):
 def test_steps_per_epoch_below_one_is_refused(trainer, spe):
   with pytest.raises(ValueError, match=f"steps_per_epoch={spe} must be an integer >= 1"):
     state_lib.make_trainer(trainer.config, trainer.mesh, steps_per_epoch=spe)
+
+
+def test_the_step_program_does_not_depend_on_the_steps_per_epoch(trainer):
+  # Steps per epoch is a value of the state: the lowered step (built apart from the memo of
+  # `jit_train_step`) is the same module for 1 step per epoch (train.py --dry_run) and for 9
+  # (the tiny synthetic set), so a dry run compiles the run's own program.
+  batch = batch_lib.abstract(trainer.config.data, trainer.config.data.batch_size,
+                             S.batch_sharding(trainer.mesh))
+
+  def lowered_text(spe):
+    other = state_lib.make_trainer(trainer.config, trainer.mesh, steps_per_epoch=spe)
+    jitted = jax.jit(step_lib.train_step_fn(other), donate_argnums=(0,),
+                     in_shardings=(other.state_shardings, S.batch_sharding(other.mesh)))
+    return jitted.lower(other.sharded_abstract_state(), batch).as_text()
+
+  assert lowered_text(1) == lowered_text(9)
 
 
 def test_one_jitted_step_per_program(monkeypatch):
