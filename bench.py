@@ -349,14 +349,14 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   return rows, compile_at, multiple
 
 
-def bench_deform(args) -> List[dict]:
+def bench_deform(batches: List[int], args) -> List[dict]:
   """MSDeformAttn core alone at DeRIS size: 3024 queries, 8 heads x 32, levels 12/24/48."""
   dtype = jnp.dtype(args.dtype or "float32")
   shapes = ((12, 12), (24, 24), (48, 48))
   heads, dim, points = 8, 32, 4
   tokens = sum(h * w for h, w in shapes)
   rows = []
-  for b in [int(x) for x in args.batch.split(",")]:
+  for b in batches:
     key = jax.random.split(jax.random.key(0), 3)
     value = jax.random.normal(key[0], (b, tokens, heads, dim), dtype)
     loc = jax.random.uniform(key[1], (b, tokens, heads, len(shapes), points, 2))
@@ -430,8 +430,16 @@ def main(argv=None) -> int:
     return 0
   if rest:
     parser.error(f"unknown arguments {rest}")
+  try:
+    batches = [int(x) for x in args.batch.split(",")]
+  except ValueError:
+    parser.error(f"--batch {args.batch!r}: comma-separated integers, e.g. 2 or 1,8")
   if args.mode == "deform":
-    rows = bench_deform(args)
+    try:
+      check_batches(batches, 1, "")
+    except cli.UsageError as e:
+      parser.error(str(e))
+    rows = bench_deform(batches, args)
   else:
     try:
       config = cli.load(args.config, overrides)
@@ -439,10 +447,6 @@ def main(argv=None) -> int:
       parser.error(str(e))
     if args.dtype:
       config.model.dtype = args.dtype
-    try:
-      batches = [int(x) for x in args.batch.split(",")]
-    except ValueError:
-      parser.error(f"--batch {args.batch!r}: comma-separated integers, e.g. 2 or 1,8")
     try:
       rows, compile_at, multiple = BENCHES[args.mode](config, batches, args)
     except cli.UsageError as e:  # a --batch or --mesh the run cannot take

@@ -90,6 +90,8 @@ def test_max_batch_keeps_the_measured_rows_when_the_search_is_cut_short(tmp_path
      "model.compat_group_size=2 samples: use a multiple of 2"),
     ("infer", ["--batch", "0"], "--batch 0: a batch size must be >= 1"),
     ("infer", ["--batch", "two"], "--batch 'two': comma-separated integers"),
+    ("deform", ["--batch", "1,x"], "--batch '1,x': comma-separated integers"),
+    ("deform", ["--batch", "-1"], "--batch -1: a batch size must be >= 1"),
 ])
 def test_a_batch_the_program_cannot_take_is_a_usage_error(mode, argv, message, capsys,
                                                           monkeypatch):
