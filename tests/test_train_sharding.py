@@ -35,7 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ((8, 1), (4, 2), (1, 8))
 NUM_STEPS = 2
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-STEPS_PER_EPOCH = 9  # as the loop's on the tiny synthetic set: the (8, 1) program is shared
+STEPS_PER_EPOCH = 9  # both steps in epoch 0; a value of the state, not of the program, so the
+# (8, 1) program is the one the loop's tests compile
 RTOL = 1e-5
 
 
