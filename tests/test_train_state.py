@@ -45,6 +45,17 @@ def test_host_params_have_the_abstract_tree_and_follow_the_seed(trainer):
   assert not np.array_equal(got[name], other[name])
 
 
+def test_abstract_params_are_what_the_jitted_initialiser_returns(trainer):
+  # make_trainer reads them off the one abstract model it builds; train.init='jit' writes the
+  # initialiser's output into shardings made from them: same tree, shapes and dtypes.
+  want = jax.eval_shape(state_lib.init_params_fn(trainer.config.model), jax.random.key(0))
+  assert jax.tree.structure(trainer.abstract_state.params) == jax.tree.structure(want)
+  got = trees.named_leaves(trainer.abstract_state.params)
+  for name, leaf in trees.named_leaves(want).items():
+    assert type(got[name]) is jax.ShapeDtypeStruct, name
+    assert (got[name].shape, got[name].dtype) == (leaf.shape, leaf.dtype), name
+
+
 def test_init_state_from_host_params_lands_in_the_state_shardings(trainer):
   state = state_lib.init_state(trainer, seed=0)
   assert int(state.step) == 0 and int(state.first_nonfinite_step) == -1

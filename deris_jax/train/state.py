@@ -87,8 +87,9 @@ def make_trainer(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, *, steps_per_e
                  ) -> Trainer:
   """Builds the optimizer, the abstract state and its shardings (no parameter is allocated)."""
   patterns = frozen_patterns(config)
-  graphdef, _ = nnx.split(deris_model.abstract_model(config.model))
-  abstract_params = jax.eval_shape(init_params_fn(config.model), jax.random.key(0))
+  model = deris_model.abstract_model(config.model)  # built once: structure and shapes
+  graphdef, _ = nnx.split(model)
+  abstract_params = params_lib.model_params(model)  # ShapeDtypeStructs, as init_params_fn's
   trainable, _ = params_lib.split_frozen(abstract_params, patterns)
   steps_per_epoch = sched_lib.check_steps_per_epoch(steps_per_epoch)
   lr_schedule = sched_lib.make_lr_schedule(config.optimizer.lr, config.schedule,
