@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from tests import tiny_files
+from tests import xla_flags
 from deris_jax.data import tokenizer as tok
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_prepare_train_and_eval(manual):
                 "--config.train.checkpoint_every_steps=3",
                 "--config.eval.train_splits=()"]  # eval.py evaluates, once
   train_args += [f"--config.{o}" for o in data + model]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_device_count(2))  # conftest's, 2 devices
   trained = _run("train.py", *train_args, env=env)
   assert trained.returncode == 0, trained.stderr[-3000:]
   out = trained.stdout + trained.stderr

@@ -31,12 +31,12 @@ from deris_jax import trees
 from deris_jax.config_loader import load_config
 from deris_jax.train import state as state_lib
 from deris_jax.train import step as step_lib
+from tests import xla_flags
 from tests.jax_caches import fresh_jax_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ((8, 1), (1, 8))  # (4, 2): test_two_processes_equal_one
 NUM_STEPS = 2
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 STEPS_PER_EPOCH = 9  # both steps in epoch 0; a value of the state, not of the program, so the
 # (8, 1) program is the one the loop's tests compile
 RTOL = 1e-5
@@ -211,11 +211,6 @@ def test_the_step_read_back_from_disk_takes_the_same_steps(reference, monkeypatc
     np.testing.assert_array_equal(got, want[name], err_msg=name)
 
 
-def _with_device_count(xla_flags: str, count: int) -> str:
-  flags = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
-  return " ".join(flags + [f"{DEVICE_COUNT_FLAG}={count}"])
-
-
 def _specs_from_json(specs: dict) -> dict:
   return {k: tuple(tuple(a) if isinstance(a, list) else a for a in v) for k, v in specs.items()}
 
@@ -231,7 +226,7 @@ def test_two_processes_equal_one(reference, tmp_path):
   ref = reference
   port = _free_port()
   env = dict(os.environ)
-  env["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), 4)  # conftest's flags
+  env["XLA_FLAGS"] = xla_flags.with_device_count(4)  # conftest's flags, 4 devices
   env["PYTHONPATH"] = str(ROOT)
   env["JAX_PLATFORMS"] = "cpu"
   env["DERIS_JAX_CACHE"] = jax.config.jax_compilation_cache_dir
