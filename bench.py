@@ -226,14 +226,17 @@ def _compat_multiple(model_config) -> int:
   return int(model_config.compat_group_size) if model_config.reference_compat else 1
 
 
-def check_batches(batches: List[int], multiple: int, why: str) -> None:
+def check_batches(batches: List[int], multiple: int, why: str, group: int = 1) -> None:
   """Raises cli.UsageError, before anything is built, for a batch below 1 or not a multiple of
-  `multiple` (`why` says where the multiple comes from)."""
+  `multiple` (`why` says where the multiple comes from) and of `group` (reference_compat's
+  attention group; a batch of at most `group` samples is one group, as the model takes it:
+  `loopback.batch_axis_self_attention`)."""
   for b in batches:
     if b < 1:
       raise cli.UsageError(f"--batch {b}: a batch size must be >= 1")
-    if b % multiple:
-      raise cli.UsageError(f"--batch {b}: {why}: use a multiple of {multiple}")
+    need = math.lcm(multiple, group if b > group else 1)
+    if b % need:
+      raise cli.UsageError(f"--batch {b}: {why}: use a multiple of {need}")
 
 
 def _compat_reason(model_config) -> str:
@@ -244,7 +247,7 @@ def _compat_reason(model_config) -> str:
 def bench_infer(config, batches: List[int], args) -> Tuple[List[dict], Callable, int]:
   """Rows of the jitted forward (`inference.forward_fn`, as eval, predict and the demo run
   it), batch -> `compiled_stats` (for --max_batch), and the multiple every batch must be."""
-  check_batches(batches, _compat_multiple(config.model), _compat_reason(config.model))
+  check_batches(batches, 1, _compat_reason(config.model), group=_compat_multiple(config.model))
   model = abstract_model(config.model)
   graphdef, _ = nnx.split(model)
   params = random_params(params_lib.model_params(model))
@@ -301,7 +304,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
          f", fsdp={mesh.shape[S.FSDP]}; --mesh or config.mesh)")
   if _compat_multiple(config.model) > 1:
     why += f" and {_compat_reason(config.model)}"
-  check_batches(batches, multiple, why)
+  check_batches(batches, mesh.size, why, group=_compat_multiple(config.model))
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1000)
   state = state_lib.init_state(trainer, config.train.seed, params=random_params(
       trainer.abstract_state.params, trainer.state_shardings.params))

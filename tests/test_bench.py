@@ -89,6 +89,9 @@ def test_max_batch_keeps_the_measured_rows_when_the_search_is_cut_short(tmp_path
     ("infer", ["--batch", "3"], "--batch 3: model.reference_compat attends over groups of "
      "model.compat_group_size=2 samples: use a multiple of 2"),
     ("infer", ["--batch", "0"], "--batch 0: a batch size must be >= 1"),
+    # A batch below the group size is one group (the model takes it: the official last batch).
+    ("infer", ["--batch", "1"], None),
+    ("infer", ["--batch", "2,4"], None),
     ("infer", ["--batch", "two"], "--batch 'two': comma-separated integers"),
     ("deform", ["--batch", "1,x"], "--batch '1,x': comma-separated integers"),
     ("deform", ["--batch", "-1"], "--batch -1: a batch size must be >= 1"),
