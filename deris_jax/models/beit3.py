@@ -18,6 +18,7 @@ from flax import nnx
 
 from deris_jax.models import initializers, layers
 from deris_jax.models import scan as scan_lib
+from deris_jax.ops.materialize import materialize
 
 POSITION_OFFSET = 2  # fairseq: position ids start at 2 for both modalities
 
@@ -87,9 +88,9 @@ class EncoderLayer(nnx.Module):
     """`drop_path_rate` overrides the layer's own (a traced per-layer rate when scanned)."""
     rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     y = self.self_attn(self.self_attn_layer_norm(x, split), key_padding, split)
-    x = x + layers.drop_path(y, rate, train=train, rngs=rngs)
+    x = materialize(x + layers.drop_path(y, rate, train=train, rngs=rngs))
     y = self.ffn(self.final_layer_norm(x, split), split)
-    return x + layers.drop_path(y, rate, train=train, rngs=rngs)
+    return materialize(x + layers.drop_path(y, rate, train=train, rngs=rngs))
 
 
 class VisionEmbedding(nnx.Module):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deris_jax.models import layers
+from deris_jax.ops.materialize import materialize
 
 
 class AlignerLayer(nnx.Module):
@@ -32,11 +33,12 @@ class AlignerLayer(nnx.Module):
 
   def __call__(self, q, text, text_padding, *, train, rngs):
     drop = lambda y: layers.dropout(y, self.dropout, train=train, rngs=rngs)
-    q = self.norm1(q + self.self_attn(q, q, q, train=train, rngs=rngs))
+    q = materialize(self.norm1(q + self.self_attn(q, q, q, train=train, rngs=rngs)))
     mask = text_padding[:, None, None, :]  # (B, 1, 1, L): True = padded text
-    q = self.norm2(q + self.cross_attn(q, text, text, mask=mask, train=train, rngs=rngs))
+    q = materialize(self.norm2(q + self.cross_attn(q, text, text, mask=mask, train=train,
+                                                   rngs=rngs)))
     hidden = drop(jax.nn.relu(self.fc1(q)))
-    return self.norm3(q + drop(self.fc2(hidden)))
+    return materialize(self.norm3(q + drop(self.fc2(hidden))))
 
 
 class Aligner(nnx.Module):

@@ -27,6 +27,7 @@ from flax import nnx
 from deris_jax.models import initializers, layers
 from deris_jax.models.position import sine_position_2d
 from deris_jax.ops import resize
+from deris_jax.ops.materialize import materialize
 
 
 def sine_position_1d(length: int, dim: int, *, reference_compat: bool) -> np.ndarray:
@@ -57,7 +58,7 @@ class SelfAttentionLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, pos: Optional[jax.Array] = None) -> jax.Array:
     qk = x if pos is None else x + pos
-    return self.norm(x + self.self_attn(qk, qk, x))
+    return materialize(self.norm(x + self.self_attn(qk, qk, x)))
 
 
 class CrossAttentionLayer(nnx.Module):
@@ -69,7 +70,7 @@ class CrossAttentionLayer(nnx.Module):
 
   def __call__(self, x, memory, *, pos, query_pos, mask):
     out = self.multihead_attn(x + query_pos, memory + pos, memory, mask=mask)
-    return self.norm(x + out)
+    return materialize(self.norm(x + out))
 
 
 class FFNLayer(nnx.Module):
@@ -81,7 +82,7 @@ class FFNLayer(nnx.Module):
     self.norm = layers.LayerNorm(dim)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.norm(x + self.linear2(jax.nn.relu(self.linear1(x))))
+    return materialize(self.norm(x + self.linear2(jax.nn.relu(self.linear1(x)))))
 
 
 class GlobalCrossAttention(nnx.Module):
@@ -125,9 +126,9 @@ class QueryTextLayer(nnx.Module):
     self.norm3 = layers.LayerNorm(dim)
 
   def __call__(self, x, text, text_pos, text_padding):
-    x = self.norm2(x + self.self_attn(x, x, x))
-    x = self.norm1(x + self.cross_attn(x, text + text_pos, text, text_padding))
-    return self.norm3(x + self.linear2(jax.nn.relu(self.linear1(x))))
+    x = materialize(self.norm2(x + self.self_attn(x, x, x)))
+    x = materialize(self.norm1(x + self.cross_attn(x, text + text_pos, text, text_padding)))
+    return materialize(self.norm3(x + self.linear2(jax.nn.relu(self.linear1(x)))))
 
 
 def batch_axis_self_attention(layer: SelfAttentionLayer, x: jax.Array, pos: jax.Array,

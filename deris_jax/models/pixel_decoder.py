@@ -23,6 +23,7 @@ from deris_jax.models import initializers, layers
 from deris_jax.models import scan as scan_lib
 from deris_jax.models.deform_attn import MSDeformAttn, SpatialShapes, level_start_index
 from deris_jax.models.position import sine_position_2d
+from deris_jax.ops.materialize import materialize
 from deris_jax.ops.resize import resize_bilinear
 
 TAP = "perception.pixel_decoder"
@@ -64,8 +65,8 @@ class EncoderLayer(nnx.Module):
     attn = self.self_attn(src + pos, ref_points, src, spatial_shapes, taps=taps,
                           tap_prefix=f"{tap_prefix}.msda")
     layers.tap(taps, f"{tap_prefix}.self_attn_out", attn)
-    src = self.norm1(src + attn)
-    src = self.norm2(src + self.linear2(jax.nn.relu(self.linear1(src))))
+    src = materialize(self.norm1(src + attn))
+    src = materialize(self.norm2(src + self.linear2(jax.nn.relu(self.linear1(src)))))
     layers.tap(taps, f"{tap_prefix}.out", src)
     return src
 

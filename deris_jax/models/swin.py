@@ -20,6 +20,7 @@ from flax import nnx
 
 from deris_jax.models import layers
 from deris_jax.models import scan as scan_lib
+from deris_jax.ops.materialize import materialize
 
 SHIFT_MASK_VALUE = -100.0  # official BasicLayer attention mask between shifted regions
 
@@ -141,8 +142,9 @@ class SwinTransformerBlock(nnx.Module):
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = y[:, :height, :width, :].reshape(b, height * width, c)  # (B, H*W, C)
-    x = x + layers.drop_path(y, rate, train=train, rngs=rngs)
-    return x + layers.drop_path(self.mlp(self.norm2(x)), rate, train=train, rngs=rngs)
+    x = materialize(x + layers.drop_path(y, rate, train=train, rngs=rngs))
+    return materialize(x + layers.drop_path(self.mlp(self.norm2(x)), rate, train=train,
+                                            rngs=rngs))
 
 
 class PatchMerging(nnx.Module):
