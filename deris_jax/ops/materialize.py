@@ -25,8 +25,9 @@ def _sum_with_zeros(x: jax.Array) -> jax.Array:
 
 
 def write_once(x: jax.Array) -> jax.Array:
-  """`x` (any dtype), computed once into memory on the CPU; not differentiable (an integer
-  or boolean value, e.g. random bits). `materialize` is the differentiable one."""
+  """`x` (any dtype), computed once into memory on the CPU, for values that take no gradient
+  (integers, booleans): its gradient would be XLA's own, fused again; `materialize` writes the
+  cotangent once too."""
   return jax.lax.platform_dependent(x, cpu=_sum_with_zeros, default=lambda y: y)
 
 
