@@ -49,8 +49,7 @@ def test_values_and_gradients_are_the_identity():
     v = x.astype(dtype) * 3.7
     np.testing.assert_array_equal(np.asarray(jax.jit(materialize)(v), np.float32),
                                   np.asarray(v, np.float32))
-  loss = lambda p, v, wrap: _post_norm_chain_loss(p, v, wrap)
-  plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+  plain = jax.jit(jax.value_and_grad(_post_norm_chain_loss, argnums=(0, 1)), static_argnums=2)
   value, grads = plain(params, x, lambda y: y)
   value_m, grads_m = plain(params, x, materialize)
   assert float(value) == float(value_m)
