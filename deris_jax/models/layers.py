@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deris_jax.models import initializers
+from deris_jax.ops import layer_norm
 
 Dtype = jnp.dtype
 
@@ -66,11 +67,7 @@ class LayerNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+    return layer_norm.layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class GroupNorm(nnx.Module):
