@@ -39,8 +39,8 @@ def _backward(eps, residuals, cotangent):
   del eps
   x_hat, rstd, scale = residuals
   g = cotangent.astype(jnp.float32)  # (..., C)
-  rows = tuple(range(1, g.ndim + 1))  # every axis but C, after the stacked one
-  d_bias, d_scale = jnp.sum(jnp.stack([g, g * x_hat]), axis=rows[:-1])  # (2, C)
+  row_axes = tuple(range(1, g.ndim))  # of the stacked (2, ..., C): all but the pair and C
+  d_bias, d_scale = jnp.sum(jnp.stack([g, g * x_hat]), axis=row_axes)  # (2, C)
   g_scaled = g * scale  # (..., C)
   mean_g, mean_gx = jnp.mean(jnp.stack([g_scaled, g_scaled * x_hat]), axis=-1,
                              keepdims=True)  # 2 x (..., 1)
