@@ -19,6 +19,11 @@ seconds, where the official initialisers take ~20 s for DeRIS-B and ~50 s for De
 core); the numbers do not depend on their values. Progress lines with elapsed seconds go to
 stderr, so a run cut short by a time limit says where its time went.
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import argparse
 import json
 import math
@@ -379,8 +384,8 @@ def bench_deform(batches: List[int], args) -> List[dict]:
 
 def print_device() -> None:
   device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
-        flush=True)
+  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"malloc {malloc.active() or 'of the C library'}", flush=True)
 
 
 def print_rows(rows: List[dict]) -> None:

@@ -14,6 +14,11 @@ Examples: `--examples DIR` holds images and an `examples.jsonl` of {"image", "te
 (relative paths). By default a checkpoint trained on the synthetic shapes (`python train.py`)
 gets examples/synthetic, shapes from that set's validation split; other checkpoints get none.
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import argparse
 import json
 import os

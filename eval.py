@@ -24,6 +24,11 @@ devices) and DIR/per_sample.SPLIT.RESOLUTION.jsonl (one line per sample: ids, ex
 counts, IoU, scores, decision). Runs on every device of every process (`--distributed` calls
 `jax.distributed.initialize()` first); process 0 prints and writes.
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import argparse
 import json
 import math

@@ -24,6 +24,11 @@ checkpoint that does not fit the config stop with one line on stderr and exit st
 expression longer than data.max_tokens - 2 pieces is truncated with a
 warning.
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import argparse
 import json
 import os

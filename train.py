@@ -16,6 +16,11 @@ train step and the evaluation at the config's shapes and global batches, prints 
 batches, parameter and optimizer-state sizes and XLA's memory estimate per device, and exits
 0, or 1 with an `error: ...` line naming what does not fit.
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import pathlib
 import sys
 

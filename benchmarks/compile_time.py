@@ -21,6 +21,11 @@ Layouts:
 The persistent compilation cache is off; each measurement runs in its own process, and with
 --repeats the layouts take turns (the machine's load drifts).
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import argparse
 import json
 import os
@@ -119,6 +124,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"unknown layouts {sorted(unknown)}; known: {LAYOUTS}")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = []
+  print(f"malloc {malloc.active() or 'of the C library'}", flush=True)
   for variant in args.variants.split(","):
     for _ in range(args.repeats):
       for layout in layouts:

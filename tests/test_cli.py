@@ -167,8 +167,8 @@ def test_each_command_tunes_the_gc_in_its_main_guard(script):
   tree = ast.parse((root / script).read_text())
   guards = [node for node in tree.body if isinstance(node, ast.If)
             and ast.unparse(node.test) == "__name__ == '__main__'"]
-  assert len(guards) == 1, script
-  calls = [ast.unparse(n.func) for n in ast.walk(guards[0]) if isinstance(n, ast.Call)]
+  assert len(guards) == 2, script  # the first re-executes with a faster malloc (test_malloc.py)
+  calls = [ast.unparse(n.func) for n in ast.walk(guards[1]) if isinstance(n, ast.Call)]
   assert calls[0] == "cli.tune_gc", (script, calls)
   main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
   assert "tune_gc" not in ast.unparse(main)

@@ -8,6 +8,11 @@ Prints one line per tensor of the fixture's outputs.npz that deris-jax produces 
 max abs error, max rel error, verdict), one line per tensor it does not produce (with the
 reason), then a final verdict. Exit status 1 if any tensor fails (`check.py` has the tolerances).
 """
+from deris_jax import malloc
+
+if __name__ == "__main__":  # first, before the heavy imports (deris_jax/malloc.py)
+  malloc.reexec_with_fast_malloc()
+
 import argparse
 import sys
 
