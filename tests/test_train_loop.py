@@ -551,3 +551,72 @@ def test_the_first_step_line_says_when_the_program_was_read_back(origin, tmp_pat
   assert OUR_LINE.fullmatch(line), line
   assert line.endswith(" (the program read back from the executable cache)") == (
       origin == "disk")
+
+
+
+class _Lines:
+  """A Reporter stand-in that keeps the train lines."""
+
+  def __init__(self):
+    self.lines = []
+
+  def train_line(self, step, metrics):
+    self.lines.append((step, dict(metrics)))
+
+  def scalars(self, *args, **kwargs):
+    pass
+
+  def advance(self, steps=1):
+    pass
+
+
+
+def test_images_per_second_is_the_steps_over_their_time_evaluation_left_out(monkeypatch):
+  """A clock the test moves: dispatching a step is free, and each step takes 1 s of device
+  time, which passes when something waits for it (the bound on steps in flight, the log's
+  fetch of the metrics, evaluation reading the state). An evaluation takes 10 s, which is not
+  training time."""
+  import ml_collections
+  now, done = [100.0], set()
+  monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+
+  def wait(tree):  # every step up to the latest one in `tree` ends, 1 s each
+    last = max(leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, int))
+    for k in range(last + 1):
+      if k not in done:
+        done.add(k)
+        now[0] += 1.0
+    return tree
+
+  def evaluate(*args):
+    wait(steps_dispatched)  # evaluation reads the parameters the steps write
+    now[0] += 10.0
+    return {}
+
+  class State:
+    first_nonfinite_step = np.int32(-1)
+
+  batch, report, steps_dispatched = 4, _Lines(), []
+  run = loop._Run(config=ml_collections.ConfigDict({"data": {"batch_size": batch}}),
+                  trainer=None, ckpt=None, report=report, state=State(), steps_per_epoch=100,
+                  last_checkpoint=None, interval_start=now[0])
+  fetch = run.collect
+  monkeypatch.setattr(run, "collect", lambda step: fetch(step) if wait(run.pending) else None)
+  monkeypatch.setattr(loop, "_evaluate", evaluate)
+  monkeypatch.setattr(loop.jax, "block_until_ready", wait)
+  monkeypatch.setattr(loop.jax, "device_get", lambda tree: tree)
+
+  def train_step(state, k):
+    steps_dispatched.append(k)
+    return state, {"loss": 1.0, "step": k}
+
+  for k in range(5):
+    run.step(train_step, k, first=False)
+  run.log(5)
+  assert report.lines[-1][1]["images_per_s"] == 5 * batch / 5.0
+  for k in range(5, 7):
+    run.step(train_step, k, first=False)
+  run.evaluate(7)
+  run.step(train_step, 7, first=False)
+  run.log(8)
+  assert report.lines[-1][1]["images_per_s"] == 3 * batch / 3.0

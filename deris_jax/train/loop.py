@@ -209,8 +209,8 @@ class _Run:
     return logged
 
   def log(self, done: int) -> None:
+    logged = self.collect(done)  # waits for the interval's steps: they are all in its time
     elapsed = time.perf_counter() - self.interval_start
-    logged = self.collect(done)
     if self.interval_steps and elapsed > 0:
       logged["images_per_s"] = self.interval_steps * self.config.data.batch_size / elapsed
     self.report.train_line(done, logged)
@@ -235,9 +235,11 @@ class _Run:
     """Evaluates eval.train_splits and applies the best-on-val rule (written by write_best,
     after the train checkpoint of this step)."""
     self.check_finite({})  # a non-finite state is neither evaluated nor written
+    jax.block_until_ready(self.pending)  # the interval's steps end in its time, not evaluation's
+    paused = time.perf_counter()
     self.eval_results = _evaluate(self.state, self.trainer, self.config, done, self.report,
                                   self.eval_settings)
-    self.interval_start = time.perf_counter()  # evaluation time is not training time
+    self.interval_start += time.perf_counter() - paused  # evaluation time is not training time
     if self.tracker is None:
       return
     epoch = (done - 1) // self.steps_per_epoch  # the epoch (0-based) the last step belongs to
