@@ -385,7 +385,7 @@ def bench_deform(batches: List[int], args) -> List[dict]:
 def print_device() -> None:
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-        f"malloc {malloc.active() or 'of the C library'}", flush=True)
+        f"malloc {malloc.describe()}", flush=True)
 
 
 def print_rows(rows: List[dict]) -> None:

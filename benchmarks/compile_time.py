@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"unknown layouts {sorted(unknown)}; known: {LAYOUTS}")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = []
-  print(f"malloc {malloc.active() or 'of the C library'}", flush=True)
+  print(f"malloc {malloc.describe()}", flush=True)
   for variant in args.variants.split(","):
     for _ in range(args.repeats):
       for layout in layouts:

@@ -18,8 +18,8 @@ Child processes inherit it. `DERIS_JAX_MALLOC` chooses:
   off             never re-execute
   /path/lib.so    that library (an error names the path when it is not a file)
 
-Linux only (elsewhere a no-op). `active()` names the allocator in use; bench.py prints it
-beside its figures.
+Linux only (elsewhere a no-op). `active()` names the allocator in use; bench.py and
+benchmarks/compile_time print it (`describe()`) beside their figures.
 """
 import os
 import sys
@@ -76,6 +76,11 @@ def active() -> Optional[str]:
   if preloaded and os.path.realpath(preloaded) in {os.path.realpath(p) for p in mapped}:
     return os.path.basename(preloaded)
   return None
+
+
+def describe() -> str:
+  """The allocator in use, for the lines benchmarks print beside their figures."""
+  return active() or "of the C library"
 
 
 def reexec_with_fast_malloc() -> None:

@@ -148,3 +148,10 @@ def test_each_command_asks_first_before_its_heavy_imports(script):
   guard = body[1]
   assert isinstance(guard, ast.If) and ast.unparse(guard.test) == "__name__ == '__main__'"
   assert [ast.unparse(s) for s in guard.body] == ["malloc.reexec_with_fast_malloc()"], script
+
+
+def test_describe_names_the_allocator_or_the_c_library(monkeypatch):
+  monkeypatch.setattr(malloc, "active", lambda: "libtcmalloc_minimal.so.4.5.10")
+  assert malloc.describe() == "libtcmalloc_minimal.so.4.5.10"
+  monkeypatch.setattr(malloc, "active", lambda: None)
+  assert malloc.describe() == "of the C library"
