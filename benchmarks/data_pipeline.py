@@ -99,9 +99,10 @@ def _batches(config, single_core: bool):
     yield from (_single_core(p.dataset) if single_core else p.dataset)
 
 
-def throughput(config, *, batches: int, single_core: bool) -> float:
+def throughput(config, *, batches: int, single_core: bool, autotune: bool = False) -> float:
   """Training examples/s after two warm-up batches."""
   config = config.copy_and_resolve_references()
+  config.autotune = autotune
   if single_core:
     config.num_parallel_calls = 1
   iterator = _batches(config, single_core)
@@ -144,8 +145,9 @@ def main(argv=None) -> None:
                           f"{args.expressions_per_image} expr/image", coco_config)):
       one = throughput(config, batches=args.batches, single_core=True)
       every = throughput(config, batches=args.batches, single_core=False)
+      tuned = throughput(config, batches=args.batches, single_core=False, autotune=True)
       print(f"{name}: {one:.1f} examples/s on 1 core, {every:.1f} examples/s on "
-            f"{os.cpu_count()} cores")
+            f"{os.cpu_count()} cores ({tuned:.1f} with tf.data autotuning)")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,12 @@ def _common(**overrides) -> mlc.ConfigDict:
       official_world_size=1,
       eval_batch_size=16,  # global eval batch; §8 samples_per_gpu 16 (RefCOCO)
       nsc=_nsc(False),
-      num_parallel_calls=-1,  # -1 = tf.data.AUTOTUNE
+      num_parallel_calls=-1,  # -1 = tf.data.AUTOTUNE (min(16, cores) unless autotune)
       prefetch=2,  # batches
+      # tf.data autotuning (its model thread). Off: with TF 2.21 deleting a live iterator
+      # (the end of a run, often mid-epoch) waited up to that thread's optimisation period,
+      # ~30 s in 3 of 4 runs (BENCHMARKS.md); on 2 cores it tuned nothing faster.
+      autotune=False,
   ))
   config.update(overrides)
   return config

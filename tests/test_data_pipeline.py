@@ -124,6 +124,19 @@ def test_train_batches_are_deterministic_and_start_anywhere(config):
   assert all(b["weight"].tolist() == [1, 1] for b in first)
 
 
+@pytest.mark.parametrize("data_config", [data_common.refcoco_data, data_common.grefcoco_data,
+                                         data_common.synthetic_data])
+def test_tf_data_autotuning_is_off_unless_configured(config, data_config):
+  # Its model thread held a live iterator's deletion for up to ~30 s (BENCHMARKS.md).
+  assert data_config().autotune is False
+  for autotune in (False, True):
+    c = config.copy_and_resolve_references()
+    c.autotune = autotune
+    p = pipeline.make_pipeline(c, "train", train=True, batch_size=2, process_index=0,
+                               process_count=1)
+    assert p.dataset.options().autotune.enabled is autotune
+
+
 def test_hosts_read_their_rows_of_the_same_global_batches(config):
   c = config.copy_and_resolve_references()
   c.nsc.rate = 0.5  # random draws must not depend on the host count either

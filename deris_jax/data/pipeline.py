@@ -324,6 +324,9 @@ def make_pipeline(data_config: ml_collections.ConfigDict, split: str, *, train: 
   examples = tf.data.Dataset.from_tensor_slices((rows.reshape(-1), positions.reshape(-1)))
   options = tf.data.Options()
   options.deterministic = True
+  # tf.data's autotuning thread can hold the iterator's deletion (an epoch's or the run's end)
+  # for up to its optimisation period, tens of seconds (configs/data_common.py: autotune).
+  options.autotune.enabled = bool(data_config.get("autotune", False))
   examples = examples.with_options(options).batch(READ_CHUNK).map(read).unbatch()
   examples = examples.map(make, num_parallel_calls=parallel)
   batches = examples.batch(len(local_rows), drop_remainder=True)
