@@ -5,7 +5,8 @@ Two workloads, each prepared in a temporary folder:
 - coco: COCO-sized JPEGs (640x480, ~q90), gRefCOCO-style DeRIS annotations with polygon masks,
   through the full-size pipeline (384x384 + 224x224, 50 tokens, K = max_instances, NSC on).
 "Per core" runs tf.data on one thread (private threadpool of 1, no parallel calls); "all
-cores" lets tf.data use every core. Prints examples/s for both.
+cores" lets tf.data use every core, without and with tf.data's autotuning (`data.autotune`,
+off by default). Prints examples/s for each.
 
   python bench.py --mode data [--images 48] [--expressions_per_image 8] [--batches 20]
 """
