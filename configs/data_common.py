@@ -54,7 +54,7 @@ def _common(**overrides) -> mlc.ConfigDict:
       prefetch=2,  # batches
       # tf.data autotuning (its model thread). Off: with TF 2.21 deleting a live iterator
       # (the end of a run, often mid-epoch) waited up to that thread's optimisation period,
-      # ~30 s in 3 of 4 runs (BENCHMARKS.md); on 2 cores it tuned nothing faster.
+      # ~30 s in most runs (BENCHMARKS.md); on 2 cores it tuned nothing faster.
       autotune=False,
   ))
   config.update(overrides)
