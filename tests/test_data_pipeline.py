@@ -126,9 +126,12 @@ def test_train_batches_are_deterministic_and_start_anywhere(config):
 
 @pytest.mark.parametrize("data_config", [data_common.refcoco_data, data_common.grefcoco_data,
                                          data_common.synthetic_data])
-def test_tf_data_autotuning_is_off_unless_configured(config, data_config):
+def test_tf_data_autotuning_is_off_by_default(data_config):
   # Its model thread held a live iterator's deletion for up to ~30 s (BENCHMARKS.md).
   assert data_config().autotune is False
+
+
+def test_the_autotune_setting_reaches_the_pipeline(config):
   for autotune in (False, True):
     c = config.copy_and_resolve_references()
     c.autotune = autotune

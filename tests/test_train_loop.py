@@ -26,6 +26,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
@@ -553,7 +554,6 @@ def test_the_first_step_line_says_when_the_program_was_read_back(origin, tmp_pat
       origin == "disk")
 
 
-
 class _Lines:
   """A Reporter stand-in that keeps the train lines."""
 
@@ -570,13 +570,11 @@ class _Lines:
     pass
 
 
-
 def test_images_per_second_is_the_steps_over_their_time_evaluation_left_out(monkeypatch):
   """A clock the test moves: dispatching a step is free, and each step takes 1 s of device
   time, which passes when something waits for it (the bound on steps in flight, the log's
   fetch of the metrics, evaluation reading the state). An evaluation takes 10 s, which is not
   training time."""
-  import ml_collections
   now, done = [100.0], set()
   monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
 
