@@ -4,6 +4,8 @@ Inputs are ~N(0, 20) (max |x| ~ 80), so atol 4e-5 is about 5 float32 ulps: the r
 difference is summation order, not the interpolation weights (float64 source indices were off
 by up to 1.5e-4 here).
 """
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,3 +46,25 @@ def test_point_sample_matches_grid_sample(ref):
 def test_avg_pool_matches_torch(ref):
   got = resize.avg_pool(ref["x"], 2, axes=(2, 3))
   np.testing.assert_allclose(np.asarray(got), ref["pool"], atol=4e-5)
+
+
+@pytest.mark.parametrize("axes", [(1, 2), (2, 1), (-3, -2)])
+def test_avg_pool_drops_partial_windows_and_spreads_the_gradient(axes):
+  """(1, 5, 7, 2) in windows of 2: the last row and column fill no window and are dropped
+  (PyTorch without padding); each pooled value's cotangent goes to its 4 inputs / 4."""
+  x = np.arange(70, dtype=np.float32).reshape(1, 5, 7, 2)
+  want = x[:, :4, :6].reshape(1, 2, 2, 3, 2, 2).mean(axis=(2, 4))  # (1, 2, 3, 2)
+  np.testing.assert_array_equal(np.asarray(resize.avg_pool(x, 2, axes=axes)), want)
+  cotangent = np.arange(12, dtype=np.float32).reshape(1, 2, 3, 2) + 1
+  grad = jax.grad(lambda v: jnp.sum(resize.avg_pool(v, 2, axes=axes) * cotangent))(x)
+  want_grad = np.zeros_like(x)
+  want_grad[:, :4, :6] = np.repeat(np.repeat(cotangent, 2, axis=1), 2, axis=2) / 4
+  np.testing.assert_array_equal(np.asarray(grad), want_grad)
+
+
+def test_avg_pool_keeps_dtype_and_rejects_bad_arguments():
+  assert resize.avg_pool(jnp.ones((2, 8, 8, 3), jnp.bfloat16), 4).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="window must be >= 1"):
+    resize.avg_pool(np.ones((1, 4, 4, 1), np.float32), 0)
+  with pytest.raises(ValueError, match="the same axis"):
+    resize.avg_pool(np.ones((1, 4, 4, 1), np.float32), 2, axes=(1, -3))

@@ -210,11 +210,12 @@ class LoopbackDecoder(nnx.Module):
     layers.tap(taps, f"decoder.round{r}.attn_mask", attn_mask)
     return mask_logits, boxes, cls_logits, attn_mask
 
-  def _loopback(self, k: int, query, mask_logits, fm, text, text_pos, text_padding, taps):
-    """Loopback module k: instance pooling, query self-attention, query -> text, fusion."""
+  def _loopback(self, k: int, query, mask_logits, pooled, text, text_pos, text_padding, taps):
+    """Loopback module k: instance pooling, query self-attention, query -> text, fusion.
+
+    `pooled` is avgpool4(fm) (B, H4/4, W4/4, C), the same for every round."""
     h4, w4 = mask_logits.shape[-2:]
     small = resize.resize_bilinear(mask_logits, (h4 // 4, w4 // 4), align_corners=False)
-    pooled = resize.avg_pool(fm, 4)  # (B, H4/4, W4/4, C)
     weights = jax.nn.sigmoid(small.astype(jnp.float32))  # (B, N, h, w)
     mask_embedding = jnp.einsum("bnhw,bhwc->bnc", weights, pooled.astype(jnp.float32)) / (
         weights.shape[-1] * weights.shape[-2])  # (B, N, C): plain mean over h*w (§4)
@@ -264,6 +265,7 @@ class LoopbackDecoder(nnx.Module):
     layers.tap(taps, "decoder.img_feat_upsampled", image_up)
     fm = self.channel_proj_conv(jnp.concatenate([mask_features, image_up], axis=-1).astype(dt))
     layers.tap(taps, "decoder.mask_features_fused", fm)
+    pooled = resize.avg_pool(fm, 4)  # (B, H4/4, W4/4, C): every loopback module's
     text_pos = jnp.asarray(sine_position_1d(text.shape[1], c,
                                             reference_compat=self.reference_compat), dt)[None]
     layers.tap(taps, "decoder.text_pos_embed", jnp.broadcast_to(text_pos, text.shape))
@@ -283,7 +285,7 @@ class LoopbackDecoder(nnx.Module):
     # auxiliary-loss rounds are already one compiled body (`losses._over_rounds`, lax.map).
     rounds: List[RoundOutput] = []
     mask_logits, boxes, cls_logits, attn_mask = self._heads(0, query, fm, sizes[0], taps)
-    query, refer_logits = self._loopback(0, query, mask_logits, fm, text, text_pos,
+    query, refer_logits = self._loopback(0, query, mask_logits, pooled, text, text_pos,
                                          text_padding, taps)
     rounds.append(RoundOutput(mask_logits, refer_logits, boxes, cls_logits))
     for i in range(self.num_layers):
@@ -301,7 +303,7 @@ class LoopbackDecoder(nnx.Module):
       r = i + 1
       mask_logits, boxes, cls_logits, attn_mask = self._heads(
           r, query, fm, sizes[r % len(multi_scale)], taps)
-      query, refer_logits = self._loopback(r, query, mask_logits, fm, text, text_pos,
+      query, refer_logits = self._loopback(r, query, mask_logits, pooled, text, text_pos,
                                            text_padding, taps)
       rounds.append(RoundOutput(mask_logits, refer_logits, boxes, cls_logits))
     return rounds, query

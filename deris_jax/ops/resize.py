@@ -7,11 +7,11 @@ as ours was). align_corners=True (the x4 upsampling of the mask logits) has no j
 method: `scale_and_translate` can express the mapping but computes the source coordinate
 differently and lands 1.5e-4 from torch where the tests allow 4e-5, so it is a product with a
 small (out, in) interpolation matrix built in numpy at trace time, with PyTorch's float32
-source coordinate: exact, static in shape, and a matmul on accelerators. Pooling is flax's.
+source coordinate: exact, static in shape, and a matmul on accelerators. Pooling is a mean over
+windows split off by a reshape (`avg_pool`).
 """
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,13 +76,21 @@ def avg_pool(x: jax.Array, window: int, axes: Sequence[int] = (1, 2)) -> jax.Arr
   """Non-overlapping average pooling (`nn.AvgPool2d(k, k)`) over two axes of `x`.
 
   Like PyTorch with no padding, trailing rows/columns that do not fill a window are dropped.
-  flax's `avg_pool` wants (batch..., H, W, features): the two axes are moved there and back.
+  Each axis is split into (windows, window) and the mean taken over the two window axes: the
+  same sums as a `reduce_window`, but its gradient is a broadcast that XLA fuses into its
+  consumer, where `reduce_window`'s is a base-dilated `reduce_window` of its own (on the CPU
+  5.6% of the default job's train step for the loopback's four poolings, BENCHMARKS.md).
   """
+  if window < 1:
+    raise ValueError(f"avg_pool: window must be >= 1, got {window}")
   ax_h, ax_w = sorted(a % x.ndim for a in axes)
+  if ax_h == ax_w:
+    raise ValueError(f"avg_pool: axes {tuple(axes)} name the same axis of a {x.ndim}-D array")
+  h, w = x.shape[ax_h] // window, x.shape[ax_w] // window
   y = x.astype(jnp.float32)
-  if y.ndim == 2:
-    y = y[..., None]  # (H, W, 1)
-  y = jnp.moveaxis(y, (ax_h, ax_w), (-3, -2))  # (..., H, W, F)
-  y = nn.avg_pool(y, (window, window), strides=(window, window), padding="VALID")
-  y = jnp.moveaxis(y, (-3, -2), (ax_h, ax_w))
-  return (y[..., 0] if x.ndim == 2 else y).astype(x.dtype)
+  y = jax.lax.slice_in_dim(y, 0, h * window, axis=ax_h)
+  y = jax.lax.slice_in_dim(y, 0, w * window, axis=ax_w)
+  split = (y.shape[:ax_h] + (h, window) + y.shape[ax_h + 1:ax_w] + (w, window)
+           + y.shape[ax_w + 1:])
+  y = jnp.mean(y.reshape(split), axis=(ax_h + 1, ax_w + 2))  # x's shape, (h, w) pooled
+  return y.astype(x.dtype)
