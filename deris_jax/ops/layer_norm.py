@@ -10,8 +10,11 @@ written so that each pair of reductions is one reduction over a stacked pair: tw
 kernels per LayerNorm shape where jax's derivative of the forward gives XLA four or more, plus
 their elementwise neighbours. A DeRIS program has LayerNorms of a few dozen shapes (Swin
 stages, BEiT-3 experts, decoder queries), and on the CPU each distinct kernel costs ~35 ms of
-compile (issue 14; BENCHMARKS.md "Residual streams written once"). The values equal jax's
-derivative up to summation order (tests/test_layer_norm.py).
+compile (issue 14; BENCHMARKS.md "Residual streams written once"). On the CPU the two sums over
+rows (d bias, d scale) are products with a ones vector (Eigen's matrix-vector product, no
+kernel to compile): XLA:CPU's column reductions were ~10 ms of thread time per default-job
+train step (BENCHMARKS.md "Column sums as dots"); other backends keep the reduction. The
+values equal jax's derivative up to summation order (tests/test_layer_norm.py).
 """
 import functools
 
@@ -35,12 +38,27 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
   return _forward(x, scale, bias, eps)[0]
 
 
+def _sums_by_reduction(g: jax.Array, gx: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.stack([g, gx]), axis=1)  # (2, C)
+
+
+def _sums_by_dot(g: jax.Array, gx: jax.Array) -> jax.Array:
+  ones = jnp.ones((g.shape[0],), jnp.float32)  # (N,)
+  hi = jax.lax.Precision.HIGHEST
+  return jnp.stack([jnp.dot(ones, g, precision=hi), jnp.dot(ones, gx, precision=hi)])  # (2, C)
+
+
+def _column_sums(g: jax.Array, gx: jax.Array) -> jax.Array:
+  """(2, C): the sums over rows of (N, C) g and gx; on the CPU as products with a ones vector."""
+  return jax.lax.platform_dependent(g, gx, cpu=_sums_by_dot, default=_sums_by_reduction)
+
+
 def _backward(eps, residuals, cotangent):
   del eps
   x_hat, rstd, scale = residuals
   g = cotangent.astype(jnp.float32)  # (..., C)
-  row_axes = tuple(range(1, g.ndim))  # of the stacked (2, ..., C): all but the pair and C
-  d_bias, d_scale = jnp.sum(jnp.stack([g, g * x_hat]), axis=row_axes)  # (2, C)
+  d_bias, d_scale = _column_sums(g.reshape(-1, g.shape[-1]),
+                                 (g * x_hat).reshape(-1, g.shape[-1]))  # 2 x (C,)
   g_scaled = g * scale  # (..., C)
   mean_g, mean_gx = jnp.mean(jnp.stack([g_scaled, g_scaled * x_hat]), axis=-1,
                              keepdims=True)  # 2 x (..., 1)
