@@ -79,7 +79,8 @@ def avg_pool(x: jax.Array, window: int, axes: Sequence[int] = (1, 2)) -> jax.Arr
   Each axis is split into (windows, window) and the mean taken over the two window axes: the
   same sums as a `reduce_window`, but its gradient is a broadcast that XLA fuses into its
   consumer, where `reduce_window`'s is a base-dilated `reduce_window` of its own (on the CPU
-  5.6% of the default job's train step for the loopback's four poolings, BENCHMARKS.md).
+  10.9 ms of thread time per default-job train step for the loopback's four poolings,
+  BENCHMARKS.md "The train step's thread time by source").
   """
   if window < 1:
     raise ValueError(f"avg_pool: window must be >= 1, got {window}")
