@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deris_jax.models import initializers
+from deris_jax.ops import group_norm
 from deris_jax.ops import layer_norm
+from deris_jax.ops import sum_rows
 
 Dtype = jnp.dtype
 
@@ -34,10 +36,23 @@ KERNEL_INITS = {
 }
 
 
+class Linear(nnx.Linear):
+  """`nnx.Linear` (same parameters, same value) whose bias gradient is `sum_rows.add_bias`'s:
+  on the CPU a product with a ones vector instead of a column reduction."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)  # (..., out_features)
+    return y if bias is None else sum_rows.add_bias(y, bias)
+
+
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-           use_bias: bool = True, kernel_init: str = "torch", bias_init: str = "torch") -> nnx.Linear:
+           use_bias: bool = True, kernel_init: str = "torch", bias_init: str = "torch") -> Linear:
   """A Dense layer; `kernel_init`/`bias_init` name the PyTorch initialiser to imitate."""
-  return nnx.Linear(
+  return Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=KERNEL_INITS[kernel_init],
       bias_init=(initializers.torch_bias(in_features) if bias_init == "torch"
@@ -45,12 +60,29 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype 
       rngs=rngs)
 
 
+class Conv(nnx.Conv):
+  """`nnx.Conv` on (B, H, W, C) maps (same parameters, same value) whose bias gradient is
+  `sum_rows.add_bias`'s. Takes what `conv` builds: explicit padding, no dilation, no mask."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if inputs.ndim != 4:
+      raise ValueError(f"Conv: expected a (B, H, W, C) map, got shape {inputs.shape}")
+    kernel = self.kernel[...]  # (kh, kw, C_in, C_out)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    y = jax.lax.conv_general_dilated(
+        inputs, kernel, self.strides, self.padding, precision=self.precision,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count)  # (B, H', W', C_out)
+    return y if bias is None else sum_rows.add_bias(y, bias)
+
+
 def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
          stride: int = 1, padding: int = 0, dtype: Dtype = jnp.float32, use_bias: bool = True,
-         kernel_init: str = "torch", bias_init: str = "torch") -> nnx.Conv:
+         kernel_init: str = "torch", bias_init: str = "torch") -> Conv:
   """An NHWC convolution with PyTorch-style symmetric zero padding."""
   fan_in = in_features * kernel_size * kernel_size
-  return nnx.Conv(
+  return Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=[(padding, padding), (padding, padding)], use_bias=use_bias, dtype=dtype,
       param_dtype=jnp.float32, kernel_init=KERNEL_INITS[kernel_init],
@@ -82,12 +114,9 @@ class GroupNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-    mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+    if x.ndim != 4 or x.shape[-1] != self.scale.shape[0]:
+      raise ValueError(f"GroupNorm: expected (B, H, W, {self.scale.shape[0]}), got {x.shape}")
+    return group_norm.group_norm(x, self.scale[...], self.bias[...], self.num_groups, self.eps)
 
 
 def dropout(x: jax.Array, rate: float, *, train: bool, rngs: Optional[nnx.Rngs]) -> jax.Array:
@@ -166,7 +195,7 @@ class MultiheadAttention(nnx.Module):
     c = self.dim
     kernel = self.in_proj.kernel[:, part * c:(part + 1) * c].astype(self.dtype)
     bias = self.in_proj.bias[part * c:(part + 1) * c].astype(self.dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel) + bias  # (B, L, C)
+    y = sum_rows.add_bias(jnp.dot(x.astype(self.dtype), kernel), bias)  # (B, L, C)
     return y.reshape(y.shape[:-1] + (self.num_heads, c // self.num_heads))
 
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *,

@@ -20,6 +20,7 @@ from flax import nnx
 
 from deris_jax.models import layers
 from deris_jax.models import scan as scan_lib
+from deris_jax.ops import sum_rows
 from deris_jax.ops.materialize import materialize
 
 SHIFT_MASK_VALUE = -100.0  # official BasicLayer attention mask between shifted regions
@@ -87,7 +88,7 @@ class WindowAttention(nnx.Module):
                         preferred_element_type=jnp.float32)  # (B, nH, nW, h, N, N)
     index = relative_position_index(self.window_size).reshape(-1)
     bias = self.relative_position_bias_table[...][index].reshape(n, n, heads)
-    logits = logits + jnp.transpose(bias, (2, 0, 1))  # (h, N, N) broadcast
+    logits = sum_rows.add_bias(logits, jnp.transpose(bias, (2, 0, 1)))  # (h, N, N) broadcast
     if mask is not None:
       logits = logits + jnp.asarray(mask)[None, :, :, None]  # (1, nH, nW, 1, N, N)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from deris_jax.ops import sum_rows
+
 
 def _forward(x, scale, bias, eps):
   x32 = x.astype(jnp.float32)
@@ -42,15 +44,14 @@ def _sums_by_reduction(g: jax.Array, gx: jax.Array) -> jax.Array:
   return jnp.sum(jnp.stack([g, gx]), axis=1)  # (2, C)
 
 
-def _sums_by_dot(g: jax.Array, gx: jax.Array) -> jax.Array:
-  ones = jnp.ones((g.shape[0],), jnp.float32)  # (N,)
-  hi = jax.lax.Precision.HIGHEST
-  return jnp.stack([jnp.dot(ones, g, precision=hi), jnp.dot(ones, gx, precision=hi)])  # (2, C)
+def _sums_each(g: jax.Array, gx: jax.Array) -> jax.Array:
+  return jnp.stack([sum_rows.sum_rows(g), sum_rows.sum_rows(gx)])  # (2, C)
 
 
 def _column_sums(g: jax.Array, gx: jax.Array) -> jax.Array:
-  """(2, C): the sums over rows of (N, C) g and gx; on the CPU as products with a ones vector."""
-  return jax.lax.platform_dependent(g, gx, cpu=_sums_by_dot, default=_sums_by_reduction)
+  """(2, C): the sums over rows of (N, C) g and gx: on the CPU two `sum_rows` (products with
+  a ones vector), elsewhere one reduction of the stacked pair."""
+  return jax.lax.platform_dependent(g, gx, cpu=_sums_each, default=_sums_by_reduction)
 
 
 def _backward(eps, residuals, cotangent):

@@ -1,0 +1,118 @@
+"""ops/sum_rows: sums over rows as ones-vector products on the CPU, `add_bias` and the Linear
+and Conv layers built on it: the same values as jax's reduction and nnx's layers, gradients
+equal to jax's derivative up to summation order, clear errors for bad shapes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deris_jax.models import layers
+from deris_jax.ops import sum_rows
+
+
+def _normal(shape, seed, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).normal(0.3, 2.0, shape), dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (37, 5), (4096, 48)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_sum_rows_matches_the_reduction(shape, dtype, tol):
+  x = _normal(shape, 0, dtype)
+  ours = jax.jit(sum_rows.sum_rows)(x)
+  assert ours.dtype == dtype and ours.shape == shape[1:]
+  np.testing.assert_allclose(np.asarray(ours, np.float32),
+                             np.asarray(x, np.float64).sum(0), rtol=tol, atol=tol * shape[0])
+
+
+def test_sum_rows_is_a_product_on_the_cpu():
+  """The CPU program has a dot and no reduction: the branch this module is for is taken."""
+  hlo = jax.jit(sum_rows.sum_rows).lower(_normal((64, 8), 1)).compile().as_text()
+  assert " dot(" in hlo and " reduce(" not in hlo
+
+
+def test_sum_rows_rejects_other_ranks():
+  with pytest.raises(ValueError, match=r"\(N, C\) array, got shape \(2, 3, 4\)"):
+    sum_rows.sum_rows(jnp.zeros((2, 3, 4)))
+
+
+@pytest.mark.parametrize("x_shape,bias_shape", [((2, 5, 7), (7,)), ((3, 2, 4, 6), (2, 4, 6)),
+                                                ((5, 3), ()), ((4, 3), (4, 3))])
+def test_add_bias_value_and_gradients_match_jax(x_shape, bias_shape):
+  x, bias, weights = _normal(x_shape, 2), _normal(bias_shape, 3), _normal(x_shape, 4)
+
+  def loss(add):
+    return lambda x, b: jnp.sum(jnp.sin(add(x, b)) * weights)
+
+  np.testing.assert_array_equal(sum_rows.add_bias(x, bias), x + bias)
+  ours = jax.jit(jax.grad(loss(sum_rows.add_bias), argnums=(0, 1)))(x, bias)
+  theirs = jax.jit(jax.grad(loss(jnp.add), argnums=(0, 1)))(x, bias)
+  for name, a, b in zip(("x", "bias"), ours, theirs):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_add_bias_under_vmap_and_scan():
+  """The scanned stacks trace layers under lax.scan; nnx.vmap builds them."""
+  x, bias = _normal((3, 4, 5), 5), _normal((3, 5), 6)
+
+  def loss(add):
+    def body(carry, xb):
+      return carry + jnp.sum(jnp.tanh(jax.vmap(add, (0, None))(xb[0][None], xb[1]))), None
+    return lambda x, b: jax.lax.scan(body, 0.0, (x, b))[0]
+
+  ours = jax.grad(loss(sum_rows.add_bias), argnums=(0, 1))(x, bias)
+  theirs = jax.grad(loss(jnp.add), argnums=(0, 1))(x, bias)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_add_bias_rejects_a_bias_of_another_shape_or_dtype():
+  with pytest.raises(ValueError, match=r"bias shape \(5,\) is not the trailing shape"):
+    sum_rows.add_bias(jnp.zeros((2, 4)), jnp.zeros((5,)))
+  with pytest.raises(ValueError, match=r"bias shape \(1, 2, 4\) is not the trailing shape"):
+    sum_rows.add_bias(jnp.zeros((2, 4)), jnp.zeros((1, 2, 4)))
+  with pytest.raises(ValueError, match="x is bfloat16 but bias is float32"):
+    sum_rows.add_bias(jnp.zeros((2, 4), jnp.bfloat16), jnp.zeros((4,)))
+
+
+def _assert_module_matches(ours, theirs, x, tol=2e-5):
+  """Same output and the same gradients (inputs and every parameter) as the nnx layer, up to
+  summation order (bfloat16: the CPU's sum accumulates in float32 and rounds once)."""
+  theirs.kernel[...] = ours.kernel[...]
+  theirs.bias[...] = ours.bias[...]
+
+  def grads(module):
+    def loss(module, x):
+      return jnp.sum(jnp.sin(module(x).astype(jnp.float32)))
+    return nnx.grad(loss, argnums=(0, 1))(module, x)
+
+  np.testing.assert_array_equal(np.asarray(ours(x), np.float32),
+                                np.asarray(theirs(x), np.float32))
+  (ours_params, ours_x), (theirs_params, theirs_x) = grads(ours), grads(theirs)
+  np.testing.assert_allclose(np.asarray(ours_x, np.float32), np.asarray(theirs_x, np.float32),
+                             rtol=tol, atol=tol)
+  for name in ("kernel", "bias"):
+    a, b = (np.asarray(getattr(p, name)[...]) for p in (ours_params, theirs_params))
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
+def test_linear_matches_nnx(dtype, tol):
+  ours = layers.linear(6, 9, rngs=nnx.Rngs(0), dtype=dtype)
+  theirs = nnx.Linear(6, 9, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  _assert_module_matches(ours, theirs, _normal((2, 3, 6), 7, dtype), tol)
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 1, 1), (4, 4, 0), (1, 1, 0)])
+def test_conv_matches_nnx(kernel_size, stride, padding):
+  ours = layers.conv(5, 7, kernel_size, stride=stride, padding=padding, rngs=nnx.Rngs(0))
+  theirs = nnx.Conv(5, 7, (kernel_size, kernel_size), strides=(stride, stride),
+                    padding=[(padding, padding)] * 2, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  _assert_module_matches(ours, theirs, _normal((2, 8, 8, 5), 8))
+
+
+def test_conv_rejects_a_map_of_another_rank():
+  conv = layers.conv(3, 4, 1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"Conv: expected a \(B, H, W, C\) map, got shape \(8, 8, 3\)"):
+    conv(jnp.zeros((8, 8, 3)))
