@@ -114,5 +114,6 @@ def test_conv_matches_nnx(kernel_size, stride, padding):
 
 def test_conv_rejects_a_map_of_another_rank():
   conv = layers.conv(3, 4, 1, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"Conv: expected a \(B, H, W, C\) map, got shape \(8, 8, 3\)"):
+  with pytest.raises(ValueError,
+                     match=r"Conv: expected a \(B, H, W, C\) map, got shape \(8, 8, 3\)"):
     conv(jnp.zeros((8, 8, 3)))

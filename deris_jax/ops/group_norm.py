@@ -11,8 +11,8 @@ column reductions (the pixel decoder's GroupNorms: ~6 ms of the default job's ~2
 thread time per train step). On the CPU they are products with a ones vector instead: d bias
 and d scale through `sum_rows`, and the per-sample channel sums of the two means as one
 batched (B, 1, H*W) x (B, H*W, C) product each, summed over each group's few channels after.
-Other backends keep the reductions jax's derivative would give. The values equal jax's
-derivative up to summation order (tests/test_ops.py).
+Other backends reduce instead (the two per-sample sums as one reduction of the stacked pair).
+The values equal jax's derivative up to summation order (tests/test_group_norm.py).
 """
 import functools
 
@@ -40,33 +40,34 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
   return _forward(x, scale, bias, num_groups, eps)[0]
 
 
-def _sample_sums_by_reduction(pair: jax.Array) -> jax.Array:
-  return jnp.sum(pair, axis=2)  # (2, B, C)
+def _sample_sums_by_reduction(g_scaled: jax.Array, gx_scaled: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.stack([g_scaled, gx_scaled]), axis=2)  # (2, B, C)
 
 
-def _sample_sums_by_dot(pair: jax.Array) -> jax.Array:
-  ones = jnp.ones(pair.shape[1:3], jnp.float32)  # (B, H*W)
+def _sample_sums_by_dot(g_scaled: jax.Array, gx_scaled: jax.Array) -> jax.Array:
+  ones = jnp.ones(g_scaled.shape[:2], jnp.float32)  # (B, H*W)
   hi = jax.lax.Precision.HIGHEST
   return jnp.stack([jnp.einsum("bn,bnc->bc", ones, part, precision=hi)
-                    for part in pair])  # (2, B, C)
+                    for part in (g_scaled, gx_scaled)])  # (2, B, C)
 
 
 def _backward(num_groups, eps, residuals, cotangent):
   del eps
   x_hat, rstd, scale = residuals
   b, h, w, c = x_hat.shape
+  groups = (b, h, w, num_groups, c // num_groups)
   g = cotangent.astype(jnp.float32)  # (B, H, W, C)
   gx = g * x_hat  # (B, H, W, C)
   d_bias = sum_rows.sum_rows(g.reshape(-1, c))  # (C,)
   d_scale = sum_rows.sum_rows(gx.reshape(-1, c))  # (C,)
-  pair = jnp.stack([g * scale, gx * scale]).reshape(2, b, h * w, c)  # (2, B, H*W, C)
-  channel_sums = jax.lax.platform_dependent(pair, cpu=_sample_sums_by_dot,
-                                            default=_sample_sums_by_reduction)  # (2, B, C)
+  g_scaled, gx_scaled = g * scale, gx * scale  # 2 x (B, H, W, C)
+  channel_sums = jax.lax.platform_dependent(
+      g_scaled.reshape(b, h * w, c), gx_scaled.reshape(b, h * w, c),
+      cpu=_sample_sums_by_dot, default=_sample_sums_by_reduction)  # (2, B, C)
   group_means = jnp.sum(channel_sums.reshape(2, b, 1, 1, num_groups, c // num_groups), axis=-1,
                         keepdims=True) / (h * w * (c // num_groups))  # (2, B, 1, 1, G, 1)
-  g_scaled = (g * scale).reshape(b, h, w, num_groups, c // num_groups)  # (B, H, W, G, c)
-  x_hat_grouped = x_hat.reshape(b, h, w, num_groups, c // num_groups)  # (B, H, W, G, c)
-  d_x = rstd * (g_scaled - group_means[0] - x_hat_grouped * group_means[1])  # (B, H, W, G, c)
+  d_x = rstd * (g_scaled.reshape(groups) - group_means[0]
+                - x_hat.reshape(groups) * group_means[1])  # (B, H, W, G, c)
   return d_x.reshape(b, h, w, c).astype(cotangent.dtype), d_scale, d_bias
 
 

@@ -11,10 +11,11 @@ kernels per LayerNorm shape where jax's derivative of the forward gives XLA four
 their elementwise neighbours. A DeRIS program has LayerNorms of a few dozen shapes (Swin
 stages, BEiT-3 experts, decoder queries), and on the CPU each distinct kernel costs ~35 ms of
 compile (issue 14; BENCHMARKS.md "Residual streams written once"). On the CPU the two sums over
-rows (d bias, d scale) are products with a ones vector (Eigen's matrix-vector product, no
-kernel to compile): XLA:CPU's column reductions were ~10 ms of thread time per default-job
-train step (BENCHMARKS.md "The train step's thread time by source"); other backends keep the
-reduction. The values equal jax's derivative up to summation order (tests/test_layer_norm.py).
+rows (d bias, d scale) are products with a ones vector (`sum_rows`: Eigen's matrix-vector
+product, no kernel to compile): XLA:CPU's column reductions were ~10 ms of thread time per
+default-job train step (BENCHMARKS.md "The train step's thread time by source"); other
+backends keep the reduction. The values equal jax's derivative up to summation order
+(tests/test_layer_norm.py).
 """
 import functools
 

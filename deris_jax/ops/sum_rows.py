@@ -1,5 +1,5 @@
-"""Sums over rows, which the CPU computes as products with a ones vector, and the bias add
-whose gradient is one.
+"""Sums over rows, which the CPU computes as products with a ones vector, and a bias add whose
+bias gradient is such a sum.
 
 XLA:CPU compiles a reduction over a non-minor axis ("column" reduction: (N, C) -> (C,)) into a
 loop that is slow for large N, while Eigen's matrix-vector product with a ones vector reads
@@ -11,7 +11,7 @@ CPU only; other backends keep jax's reduction, so GPU and TPU programs are uncha
 
 `add_bias(x, bias)` is `x + bias` for a bias of x's trailing shape (broadcast over the leading
 axes), with the same value and a gradient for `bias` from `sum_rows` (equal to jax's up to the
-order of summation; tests/test_ops.py).
+order of summation; tests/test_sum_rows.py).
 """
 import functools
 import math
