@@ -1,6 +1,9 @@
-"""ops/sum_rows: sums over rows as ones-vector products on the CPU, `add_bias` and the Linear
-and Conv layers built on it: the same values as jax's reduction and nnx's layers, gradients
-equal to jax's derivative up to summation order, clear errors for bad shapes."""
+"""ops/sum_rows: sums over rows as ones-vector products on the CPU, `add_bias`, and the layers
+built on it (`layers.dense`, Linear, Conv): the same values as jax's reduction, jnp.dot and
+nnx's layers, gradients equal to jax's derivative up to summation order, clear errors for bad
+shapes."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +120,31 @@ def test_conv_rejects_a_map_of_another_rank():
   with pytest.raises(ValueError,
                      match=r"Conv: expected a \(B, H, W, C\) map, got shape \(8, 8, 3\)"):
     conv(jnp.zeros((8, 8, 3)))
+
+
+@pytest.mark.parametrize("shape", [(6,), (5, 6), (2, 3, 6), (2, 2, 3, 4, 6)])
+def test_dense_is_the_dot_over_the_last_axis(shape):
+  x, kernel, weights = _normal(shape, 9), _normal((6, 4), 10), _normal(shape[:-1] + (4,), 11)
+
+  def loss(product):
+    return lambda x, k: jnp.sum(jnp.sin(product(x, k)) * weights)
+
+  np.testing.assert_array_equal(layers.dense(x, kernel), jnp.dot(x, kernel))
+  ours = jax.jit(jax.grad(loss(layers.dense), argnums=(0, 1)))(x, kernel)
+  theirs = jax.jit(jax.grad(loss(jnp.dot), argnums=(0, 1)))(x, kernel)
+  for name, a, b in zip(("x", "kernel"), ours, theirs):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_dense_weight_gradient_needs_no_transposed_copy():
+  """What `dense` is for: XLA:CPU computes the weight gradient of a (B, L, I) input without
+  copying anything into another layout (the dot over the last axis of the 3-D array did)."""
+  x, kernel, weights = _normal((4, 16, 8), 12), _normal((8, 32), 13), _normal((4, 16, 32), 14)
+
+  def copies(product):
+    grad = jax.jit(jax.grad(lambda x, k, w: jnp.sum(jnp.tanh(product(x, k)) * w), argnums=1))
+    hlo = grad.lower(x, kernel, weights).compile().as_text()
+    return len(re.findall(r" (?:copy|transpose)\(", hlo))
+
+  assert copies(jnp.dot) > 0  # the layout change this avoids is still there to avoid
+  assert copies(layers.dense) == 0
