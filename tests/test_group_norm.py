@@ -10,6 +10,7 @@ from flax import nnx
 
 from deris_jax.models import layers
 from deris_jax.ops.group_norm import group_norm
+from tests import norm_cases
 
 
 def _plain(x, scale, bias, num_groups, eps):
@@ -22,20 +23,11 @@ def _plain(x, scale, bias, num_groups, eps):
   return (y * scale + bias).astype(x.dtype)
 
 
-def _inputs(shape, dtype, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(0.5, 3.0, shape), dtype)
-  scale = jnp.asarray(rng.normal(1.0, 0.2, shape[-1:]), jnp.float32)
-  bias = jnp.asarray(rng.normal(0.0, 0.2, shape[-1:]), jnp.float32)
-  weights = jnp.asarray(rng.normal(0.0, 1.0, shape), jnp.float32)  # a loss that mixes pixels
-  return x, scale, bias, weights
-
-
 @pytest.mark.parametrize("shape,num_groups", [((2, 5, 3, 8), 4), ((3, 4, 4, 6), 1),
                                               ((1, 2, 7, 12), 12), ((4, 8, 8, 64), 32)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 def test_forward_and_gradients_match_jax(shape, num_groups, dtype, tol):
-  x, scale, bias, weights = _inputs(shape, dtype)
+  x, scale, bias, weights = norm_cases.inputs(shape, dtype)
   eps = 1e-5
   forward = lambda fn: np.asarray(
       jax.jit(fn, static_argnums=(3, 4))(x, scale, bias, num_groups, eps), np.float32)
@@ -47,16 +39,13 @@ def test_forward_and_gradients_match_jax(shape, num_groups, dtype, tol):
 
   ours = jax.jit(jax.grad(loss(group_norm), argnums=(0, 1, 2)))(x, scale, bias)
   theirs = jax.jit(jax.grad(loss(_plain), argnums=(0, 1, 2)))(x, scale, bias)
-  for name, a, b in zip(("x", "scale", "bias"), ours, theirs):
-    assert a.dtype == b.dtype and a.shape == b.shape, name
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+  norm_cases.assert_gradients_match(ours, theirs, tol)
 
 
 def test_the_cpu_backward_sums_pixels_by_products():
   """On the CPU the backward's sums over pixels are dots: the compiled gradient reduces over
   pixels only in the forward (mean and variance)."""
-  x, scale, bias, weights = _inputs((2, 6, 6, 8), jnp.float32)
+  x, scale, bias, weights = norm_cases.inputs((2, 6, 6, 8), jnp.float32)
   grad = jax.jit(jax.grad(lambda x, s, b, w: jnp.sum(group_norm(x, s, b, 4, 1e-5) * w),
                           argnums=(0, 1, 2)))
   hlo = grad.lower(x, scale, bias, weights).compile().as_text()

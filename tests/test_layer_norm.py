@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from deris_jax.ops.layer_norm import layer_norm
+from tests import norm_cases
 
 
 def _plain(x, scale, bias, eps):
@@ -17,19 +18,10 @@ def _plain(x, scale, bias, eps):
   return (y * scale + bias).astype(x.dtype)
 
 
-def _inputs(shape, dtype, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(0.5, 3.0, shape), dtype)
-  scale = jnp.asarray(rng.normal(1.0, 0.2, shape[-1:]), jnp.float32)
-  bias = jnp.asarray(rng.normal(0.0, 0.2, shape[-1:]), jnp.float32)
-  weights = jnp.asarray(rng.normal(0.0, 1.0, shape), jnp.float32)  # a loss that mixes rows
-  return x, scale, bias, weights
-
-
 @pytest.mark.parametrize("shape", [(7,), (2, 5, 16), (3, 4, 6, 32)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 def test_forward_and_gradients_match_jax(shape, dtype, tol):
-  x, scale, bias, weights = _inputs(shape, dtype)
+  x, scale, bias, weights = norm_cases.inputs(shape, dtype)
   eps = 1e-6
   forward = lambda fn: np.asarray(jax.jit(fn, static_argnums=3)(x, scale, bias, eps), np.float32)
   np.testing.assert_array_equal(forward(layer_norm), forward(_plain))
@@ -39,15 +31,12 @@ def test_forward_and_gradients_match_jax(shape, dtype, tol):
 
   ours = jax.jit(jax.grad(loss(layer_norm), argnums=(0, 1, 2)))(x, scale, bias)
   theirs = jax.jit(jax.grad(loss(_plain), argnums=(0, 1, 2)))(x, scale, bias)
-  for name, a, b in zip(("x", "scale", "bias"), ours, theirs):
-    assert a.dtype == b.dtype and a.shape == b.shape, name
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+  norm_cases.assert_gradients_match(ours, theirs, tol)
 
 
 def test_vmapped_and_second_use():
   """Under vmap (the scanned stacks) and used twice in one loss (shared parameters)."""
-  x, scale, bias, weights = _inputs((4, 3, 8), jnp.float32, seed=1)
+  x, scale, bias, weights = norm_cases.inputs((4, 3, 8), jnp.float32, seed=1)
 
   def loss(fn):
     def f(x, s, b):
