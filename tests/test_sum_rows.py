@@ -148,3 +148,18 @@ def test_dense_weight_gradient_needs_no_transposed_copy():
 
   assert copies(jnp.dot) > 0  # the layout change this avoids is still there to avoid
   assert copies(layers.dense) == 0
+
+
+def test_layers_refuse_what_they_do_not_compute():
+  """nnx options that the layers' own products would ignore are refused, not ignored."""
+  with pytest.raises(ValueError, match="no preferred_element_type or dot_general"):
+    layers.Linear(3, 4, preferred_element_type=jnp.float32, rngs=nnx.Rngs(0))(jnp.zeros((2, 3)))
+  with pytest.raises(ValueError, match="no dilation and no mask"):
+    layers.Conv(3, 4, (3, 3), kernel_dilation=2, rngs=nnx.Rngs(0))(jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="no dilation and no mask"):
+    layers.Conv(3, 4, (3, 3), input_dilation=(1, 2), rngs=nnx.Rngs(0))(jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="padding as two .low, high. pairs, got 'SAME'"):
+    layers.Conv(3, 4, (3, 3), padding="SAME", rngs=nnx.Rngs(0))(jnp.zeros((1, 8, 8, 3)))
+  conv = layers.Conv(3, 4, (3, 3), kernel_dilation=(1, 1), padding=[(1, 1), (1, 1)],
+                     rngs=nnx.Rngs(0))  # dilation 1 spelled as a pair, strides as an int
+  assert conv(jnp.zeros((1, 8, 8, 3))).shape == (1, 8, 8, 4)

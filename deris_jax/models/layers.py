@@ -12,6 +12,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deris_jax.models import initializers
@@ -55,6 +56,9 @@ class Linear(nnx.Linear):
   column reduction)."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.preferred_element_type is not None or self.dot_general is not jax.lax.dot_general:
+      raise ValueError("layers.Linear computes its product with `dense`: it takes no "
+                       "preferred_element_type or dot_general (use nnx.Linear for those)")
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
@@ -80,11 +84,17 @@ class Conv(nnx.Conv):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if inputs.ndim != 4:
       raise ValueError(f"Conv: expected a (B, H, W, C) map, got shape {inputs.shape}")
+    if self.mask is not None or any(d is not None and np.any(np.asarray(d) != 1)
+                                    for d in (self.kernel_dilation, self.input_dilation)):
+      raise ValueError("layers.Conv takes no dilation and no mask (use nnx.Conv for those)")
+    if isinstance(self.padding, (str, int)) or len(self.padding) != 2:
+      raise ValueError(f"layers.Conv takes padding as two (low, high) pairs, got {self.padding!r}")
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     kernel = self.kernel[...]  # (kh, kw, C_in, C_out)
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     y = jax.lax.conv_general_dilated(
-        inputs, kernel, self.strides, self.padding, precision=self.precision,
+        inputs, kernel, strides, self.padding, precision=self.precision,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.feature_group_count)  # (B, H', W', C_out)
     return y if bias is None else sum_rows.add_bias(y, bias)
