@@ -164,3 +164,14 @@ def test_layers_refuse_what_they_do_not_compute():
   conv = layers.Conv(3, 4, (3, 3), kernel_dilation=(1, 1), padding=[(1, 1), (1, 1)],
                      rngs=nnx.Rngs(0))  # dilation 1 spelled as a pair, strides as an int
   assert conv(jnp.zeros((1, 8, 8, 3))).shape == (1, 8, 8, 4)
+
+
+def test_sum_rows_of_pair_is_both_sums():
+  a, b = _normal((300, 7), 15), _normal((300, 7), 16)
+  pair = jax.jit(sum_rows.sum_rows_of_pair)(a, b)
+  expected = np.stack([np.asarray(a, np.float64).sum(0), np.asarray(b, np.float64).sum(0)])
+  assert pair.shape == (2, 7)
+  np.testing.assert_allclose(pair, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  with pytest.raises(ValueError,
+                     match=r"two \(N, C\) arrays of one shape, got \(3, 4\) and \(3, 5\)"):
+    sum_rows.sum_rows_of_pair(jnp.zeros((3, 4)), jnp.zeros((3, 5)))

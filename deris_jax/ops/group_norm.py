@@ -9,10 +9,10 @@ operations in the same order). With x_hat = (x - mean) * r per sample and group,
 Every sum here runs over the spatial axes, which are not minor, so XLA:CPU compiles them as
 column reductions (the pixel decoder's GroupNorms: ~6 ms of the default job's ~250 ms of
 thread time per train step). On the CPU they are products with a ones vector instead: d bias
-and d scale through `sum_rows`, and the per-sample channel sums of the two means as one
-batched (B, 1, H*W) x (B, H*W, C) product each, summed over each group's few channels after.
-Other backends reduce instead (the two per-sample sums as one reduction of the stacked pair).
-The values equal jax's derivative up to summation order (tests/test_group_norm.py).
+and d scale through `sum_rows_of_pair` (as LayerNorm's), and the per-sample channel sums of the
+two means as one batched (B, 1, H*W) x (B, H*W, C) product each, summed over each group's few
+channels after. Other backends reduce instead (the two per-sample sums as one reduction of the
+stacked pair). The values equal jax's derivative up to summation order (tests/test_group_norm.py).
 """
 import functools
 
@@ -58,8 +58,7 @@ def _backward(num_groups, eps, residuals, cotangent):
   groups = (b, h, w, num_groups, c // num_groups)
   g = cotangent.astype(jnp.float32)  # (B, H, W, C)
   gx = g * x_hat  # (B, H, W, C)
-  d_bias = sum_rows.sum_rows(g.reshape(-1, c))  # (C,)
-  d_scale = sum_rows.sum_rows(gx.reshape(-1, c))  # (C,)
+  d_bias, d_scale = sum_rows.sum_rows_of_pair(g.reshape(-1, c), gx.reshape(-1, c))  # 2 x (C,)
   g_scaled, gx_scaled = g * scale, gx * scale  # 2 x (B, H, W, C)
   channel_sums = jax.lax.platform_dependent(
       g_scaled.reshape(b, h * w, c), gx_scaled.reshape(b, h * w, c),

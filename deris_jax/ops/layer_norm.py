@@ -11,7 +11,7 @@ kernels per LayerNorm shape where jax's derivative of the forward gives XLA four
 their elementwise neighbours. A DeRIS program has LayerNorms of a few dozen shapes (Swin
 stages, BEiT-3 experts, decoder queries), and on the CPU each distinct kernel costs ~35 ms of
 compile (issue 14; BENCHMARKS.md "Residual streams written once"). On the CPU the two sums over
-rows (d bias, d scale) are products with a ones vector (`sum_rows`: Eigen's matrix-vector
+rows (d bias, d scale) are products with a ones vector (`sum_rows_of_pair`: Eigen's matrix-vector
 product, no kernel to compile): XLA:CPU's column reductions were ~10 ms of thread time per
 default-job train step (BENCHMARKS.md "The train step's thread time by source"); other
 backends keep the reduction. The values equal jax's derivative up to summation order
@@ -41,26 +41,12 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
   return _forward(x, scale, bias, eps)[0]
 
 
-def _sums_by_reduction(g: jax.Array, gx: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.stack([g, gx]), axis=1)  # (2, C)
-
-
-def _sums_each(g: jax.Array, gx: jax.Array) -> jax.Array:
-  return jnp.stack([sum_rows.sum_rows(g), sum_rows.sum_rows(gx)])  # (2, C)
-
-
-def _column_sums(g: jax.Array, gx: jax.Array) -> jax.Array:
-  """(2, C): the sums over rows of (N, C) g and gx: on the CPU two `sum_rows` (products with
-  a ones vector), elsewhere one reduction of the stacked pair."""
-  return jax.lax.platform_dependent(g, gx, cpu=_sums_each, default=_sums_by_reduction)
-
-
 def _backward(eps, residuals, cotangent):
   del eps
   x_hat, rstd, scale = residuals
   g = cotangent.astype(jnp.float32)  # (..., C)
-  d_bias, d_scale = _column_sums(g.reshape(-1, g.shape[-1]),
-                                 (g * x_hat).reshape(-1, g.shape[-1]))  # 2 x (C,)
+  d_bias, d_scale = sum_rows.sum_rows_of_pair(g.reshape(-1, g.shape[-1]),
+                                              (g * x_hat).reshape(-1, g.shape[-1]))  # 2 x (C,)
   g_scaled = g * scale  # (..., C)
   mean_g, mean_gx = jnp.mean(jnp.stack([g_scaled, g_scaled * x_hat]), axis=-1,
                              keepdims=True)  # 2 x (..., 1)

@@ -9,9 +9,10 @@ Linear's, the Swin relative position bias') and of a norm's scale and bias (BENC
 "The train step's thread time by source"). `lax.platform_dependent` takes the product on the
 CPU only; other backends keep jax's reduction, so GPU and TPU programs are unchanged.
 
-`add_bias(x, bias)` is `x + bias` for a bias of x's trailing shape (broadcast over the leading
-axes), with the same value and a gradient for `bias` from `sum_rows` (equal to jax's up to the
-order of summation; tests/test_sum_rows.py).
+`sum_rows_of_pair` is the two sums a norm's backward needs (d bias, d scale), one stacked
+reduction off the CPU. `add_bias(x, bias)` is `x + bias` for a bias of x's trailing shape
+(broadcast over the leading axes), with the same value and a gradient for `bias` from
+`sum_rows` (equal to jax's up to the order of summation; tests/test_sum_rows.py).
 """
 import functools
 import math
@@ -35,6 +36,23 @@ def sum_rows(x: jax.Array) -> jax.Array:
   if x.ndim != 2:
     raise ValueError(f"sum_rows: expected an (N, C) array, got shape {x.shape}")
   return jax.lax.platform_dependent(x, cpu=_sum_by_dot, default=_sum_by_reduction)
+
+
+def _pair_by_reduction(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.stack([a, b]), axis=1)  # (2, C)
+
+
+def _pair_by_dots(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.stack([_sum_by_dot(a), _sum_by_dot(b)])  # (2, C)
+
+
+def sum_rows_of_pair(a: jax.Array, b: jax.Array) -> jax.Array:
+  """(2, C): `sum_rows` of two (N, C) arrays (a norm's d bias and d scale); off the CPU one
+  reduction of the stacked pair."""
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(f"sum_rows_of_pair: expected two (N, C) arrays of one shape, got "
+                     f"{a.shape} and {b.shape}")
+  return jax.lax.platform_dependent(a, b, cpu=_pair_by_dots, default=_pair_by_reduction)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
