@@ -61,7 +61,7 @@ import ml_collections as mlc
 import optax
 
 from deris_jax import matching
-from deris_jax.ops import sample
+from deris_jax.ops import sample, top_set
 
 Metrics = dict
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -128,10 +128,12 @@ def select_uncertain_points(pred_masks: jax.Array, query_index: jax.Array,
     candidates: (B, K, C, 2) normalised (x, y) candidate points per slot.
     num_uncertain: how many to keep (<= C).
   Returns:
-    (B, K, num_uncertain, 2), most uncertain first (the order of `torch.topk`).
+    (B, K, num_uncertain, 2) in candidate order: the set `torch.topk` keeps (ties to the
+    earlier candidate), not its most-uncertain-first order. The loss is a mean over the points,
+    so only the set matters (`ops.top_set`, which needs no sort on the CPU).
   """
   logits = sample_selected(jax.lax.stop_gradient(pred_masks), query_index, candidates)  # (B,K,C)
-  _, most_uncertain = jax.lax.top_k(-jnp.abs(logits), num_uncertain)  # (B, K, U)
+  most_uncertain = top_set.top_set(-jnp.abs(logits), num_uncertain)  # (B, K, U)
   return jnp.take_along_axis(candidates, most_uncertain[..., None], axis=2)  # (B, K, U, 2)
 
 

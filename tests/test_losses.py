@@ -143,8 +143,9 @@ def test_uncertain_points_are_the_most_uncertain_candidates():
   logits = np.asarray(sample.point_sample(  # an independent sampler, tested against torch
       pred_masks[np.arange(2)[:, None], query].reshape(4, 9, 11), candidates.reshape(4, 30, 2)))
   for row, (i, k) in enumerate(np.ndindex(2, 2)):
-    order = np.argsort(np.abs(logits[row]), kind="stable")[:7]
-    np.testing.assert_array_equal(got[i, k, :7], candidates[i, k][order])
+    # torch.topk's set (ties to the earlier candidate), in candidate order.
+    kept = np.sort(np.argsort(np.abs(logits[row]), kind="stable")[:7])
+    np.testing.assert_array_equal(got[i, k, :7], candidates[i, k][kept])
     np.testing.assert_array_equal(got[i, k, 7:], fresh[i, k])
 
 
