@@ -450,15 +450,8 @@ def _round_suffix(round_index: int, num_rounds: int) -> str:
   return "" if round_index == num_rounds - 1 else f"_{round_index}"
 
 
-def _over_rounds(fn: Callable, aux_inputs: tuple, final_inputs: tuple) -> jax.Array:
-  """fn on every auxiliary round (one compiled body, `lax.map`) and on the final round.
-
-  Returns fn's outputs stacked over rounds 0..R (R = final): (R+1, ...).
-  """
-  final = fn(*final_inputs)
-  if aux_inputs[0].shape[0] == 0:
-    return final[None]
-  aux = jax.lax.map(lambda xs: fn(*xs), aux_inputs)  # (R, ...)
+def _rounds(aux: jax.Array, final: jax.Array) -> jax.Array:
+  """(R, ...) auxiliary rounds and the (...) final round -> (R+1, ...) in round order."""
   return jnp.concatenate([aux, final[None]])
 
 
@@ -468,12 +461,17 @@ def _objective(outputs, targets, config, matcher_points: jax.Array, mask_point_d
 
   `mask_point_data` is a pytree whose leaves have a leading round axis (R+1); the slice of a
   round goes to `mask_points_fn(pred_masks, query_index, data)` -> (B, K, P, 2).
+
+  Every round's matching costs and loss terms are one `jax.vmap` over the round axis: one
+  compiled body whose operations are R+1 times larger. A `lax.map` over the auxiliary rounds
+  beside the final round compiled the body twice and stacked every round's mask gradient
+  inside a loop; the vmap holds all rounds' point samples at once instead (DeRIS-B at the
+  released batch 16: XLA's estimate 18.22 -> 18.41 GiB per device; BENCHMARKS.md "The loss
+  without a sort and with its rounds vmapped").
   """
   num_aux = outputs["aux_pred_masks"].shape[0]
-  aux_masks, final_masks = outputs["aux_pred_masks"], outputs["pred_masks"]
-  aux_logits, final_logits = outputs["aux_refer_logits"], outputs["refer_logits"]
-  aux_slice = lambda tree: jax.tree.map(lambda x: x[:num_aux], tree)  # noqa: E731
-  final_slice = lambda tree: jax.tree.map(lambda x: x[num_aux], tree)  # noqa: E731
+  pred_masks = _rounds(outputs["aux_pred_masks"], outputs["pred_masks"])  # (R+1, B, N, H, W)
+  refer_logits = _rounds(outputs["aux_refer_logits"], outputs["refer_logits"])  # (R+1, B, N, 2)
   gt_masks, gt_valid = targets["gt_masks"], targets["gt_valid"].astype(bool)
   example_weight = targets["weight"].astype(jnp.float32)  # (B,)
   target_weight = gt_valid * example_weight[:, None]  # (B, K) every real target, matched or not
@@ -488,8 +486,7 @@ def _objective(outputs, targets, config, matcher_points: jax.Array, mask_point_d
   def round_costs(pred_masks, refer_logits, points):
     return matching_costs(pred_masks, refer_logits, gt_masks, points, config=config)
 
-  costs = _over_rounds(round_costs, (aux_masks, aux_logits, aux_slice(matcher_points)),
-                       (final_masks, final_logits, final_slice(matcher_points)))  # (R+1,B,N,K)
+  costs = jax.vmap(round_costs)(pred_masks, refer_logits, matcher_points)  # (R+1, B, N, K)
   solve = jax.vmap(jax.vmap(matching.linear_sum_assignment), in_axes=(0, None))
   assignments = solve(costs, gt_valid)  # fields (R+1, B, ...)
   query_index = jnp.maximum(assignments.query_for_target, 0)  # (R+1, B, K), 0 if unmatched
@@ -503,10 +500,9 @@ def _objective(outputs, targets, config, matcher_points: jax.Array, mask_point_d
                           no_object_weight=config.no_object_weight, num_groups=num_groups)
     return jnp.stack([loss_cls, loss_mask, loss_dice])  # (3,)
 
-  per_round = (query_index, assignments.query_matched, assignments.target_matched,
-               mask_point_data)
-  terms = _over_rounds(round_terms, (aux_masks, aux_logits) + aux_slice(per_round),
-                       (final_masks, final_logits) + final_slice(per_round))  # (R+1, 3)
+  terms = jax.vmap(round_terms)(pred_masks, refer_logits, query_index,
+                                assignments.query_matched, assignments.target_matched,
+                                mask_point_data)  # (R+1, 3)
 
   round_scale = jnp.array([config.aux_weight] * num_aux + [1.0], jnp.float32)  # (R+1,)
   term_weight = jnp.array([config.class_weight, config.mask_weight, config.dice_weight],

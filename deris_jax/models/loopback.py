@@ -282,7 +282,7 @@ class LoopbackDecoder(nnx.Module):
     # The four loopback modules do share shapes, but each sits between two level-specific
     # pieces, and a repeated identical piece costs XLA little to compile: it emits one kernel
     # per distinct fusion and reuses it for the copies (BENCHMARKS.md, "Compile time"). The
-    # auxiliary-loss rounds are already one compiled body (`losses._over_rounds`, lax.map).
+    # loss's rounds (all of the same shapes) are one compiled body (`losses._objective`, vmap).
     rounds: List[RoundOutput] = []
     mask_logits, boxes, cls_logits, attn_mask = self._heads(0, query, fm, sizes[0], taps)
     query, refer_logits = self._loopback(0, query, mask_logits, pooled, text, text_pos,
