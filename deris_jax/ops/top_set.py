@@ -34,28 +34,35 @@ def _order_keys(values: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | jnp.uint32(1 << 31))  # (R, C)
 
 
+def _largest_passing(passes, num_bits: int, rows: int, dtype) -> jax.Array:
+  """(rows,) the largest t in [0, 2**num_bits) with passes(t) True, bit by bit from the top.
+
+  passes: (rows,) candidate -> (rows,) bool, True for every t up to some bound (monotone).
+  """
+  def set_bit(i, prefix):  # prefix (rows,)
+    candidate = prefix | (jnp.asarray(1, dtype) << (num_bits - 1 - i).astype(dtype))  # (rows,)
+    return jnp.where(passes(candidate), candidate, prefix)
+
+  return lax.fori_loop(0, num_bits, set_bit, jnp.zeros((rows,), dtype))
+
+
 def _kth_largest(keys: jax.Array, k: int) -> jax.Array:
   """(R, C) uint32 -> (R, 1): the largest t with count(keys >= t) >= k, the k-th largest key."""
-  def set_bit(i, prefix):  # prefix (R,)
-    candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))  # (R,)
-    count = jnp.sum(keys >= candidate[:, None], axis=1)  # (R,)
-    return jnp.where(count >= k, candidate, prefix)
+  def at_least_k(t):  # (R,) -> (R,)
+    return jnp.sum(keys >= t[:, None], axis=1) >= k
 
-  start = jnp.zeros(keys.shape[:1], jnp.uint32)
-  return lax.fori_loop(0, 32, set_bit, start)[:, None]  # (R, 1)
+  return _largest_passing(at_least_k, 32, keys.shape[0], jnp.uint32)[:, None]  # (R, 1)
 
 
 def _first_ties(equal: jax.Array, need: jax.Array) -> jax.Array:
   """(R, C) bool, (R, 1) -> (R, C) bool: the first `need` True entries of each row."""
   index = jnp.arange(equal.shape[1], dtype=jnp.int32)  # (C,)
-  num_bits = equal.shape[1].bit_length()
 
-  def set_bit(i, prefix):  # the largest cut j with count(equal & index < j) <= need
-    candidate = prefix | (jnp.int32(1) << (num_bits - 1 - i))  # (R,)
-    count = jnp.sum(equal & (index < candidate[:, None]), axis=1)  # (R,)
-    return jnp.where(count <= need[:, 0], candidate, prefix)
+  def at_most_need(cut):  # (R,) -> (R,): count(equal & index < cut) <= need
+    return jnp.sum(equal & (index < cut[:, None]), axis=1) <= need[:, 0]
 
-  cut = lax.fori_loop(0, num_bits, set_bit, jnp.zeros(equal.shape[:1], jnp.int32))
+  cut = _largest_passing(at_most_need, equal.shape[1].bit_length(), equal.shape[0],
+                         jnp.int32)  # (R,)
   return equal & (index < cut[:, None])  # (R, C)
 
 
