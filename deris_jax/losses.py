@@ -52,6 +52,9 @@ Differences from the official code, all deliberate:
 - Random points: example b draws all its points from `fold_in(rng, b)`, so a real example's
   points (and thus its loss) do not depend on the batch size or on padding examples appended
   to the batch.
+- The importance points are kept in candidate order, not most uncertain first: the set
+  `torch.topk` keeps (ties to the earlier candidate), found without a sort on the CPU
+  (`ops.top_set`); only summation order differs.
 """
 from typing import Callable, Mapping, NamedTuple, Tuple
 
