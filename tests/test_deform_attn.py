@@ -131,6 +131,28 @@ def test_core_gradients(random_case):
   np.testing.assert_allclose(np.sum(g_loc * direction), numeric, rtol=1e-3)
 
 
+def test_core_keeps_no_gathered_values_for_the_backward(random_case):
+  value, loc, weights = random_case
+  _, vjp_fn = jax.vjp(lambda v, w: deform_attn.ms_deform_attn_core(v, SHAPES, loc, w),
+                      value, weights)
+  points4 = POINTS * 4
+  for leaf in jax.tree_util.tree_leaves(vjp_fn):
+    # The gathered values would be (B, LQ, HEADS, POINTS * 4, D) per level.
+    assert np.size(leaf) < B * LQ * HEADS * points4 * D, np.shape(leaf)
+
+
+def test_core_gathers_from_operands_written_once_on_the_cpu(random_case):
+  value, loc, weights = random_case
+  if jax.default_backend() != "cpu":
+    pytest.skip("the operands are written once on the CPU only")
+  text = core.lower(value, SHAPES, loc, weights).compile().as_text()
+  computations = text.split("\n\n")
+  gathering = [c for c in computations if " gather(" in c]
+  assert gathering, text
+  # No gather loop recomputes the bilinear corners (their floor) for every value it reads.
+  assert not [c for c in gathering if " floor(" in c], gathering
+
+
 def test_core_bfloat16_values_sample_in_float32(random_case):
   value, loc, weights = random_case
   value16 = jnp.asarray(value, jnp.bfloat16)

@@ -8,6 +8,13 @@ shapes, so a Pallas kernel can replace it later without touching the module.
 Per level it does one gather of the 4 bilinear neighbours of every sampling point from the
 level's flattened values, then a weighted sum in float32; nothing larger than
 (B, Lq, heads, points*4, D) per level is materialised.
+
+In a forward pass without gradient (eval, predict, the demo), on the CPU, the gather's operands
+(the level's values, the corner rows and their weights) are written to memory first
+(`ops.materialize.write_once`). Otherwise XLA:CPU fused the bilinear corners, their weights
+and every level into one loop that recomputed them for each gathered value (BENCHMARKS.md
+"Deformable attention's operands written once"). A train step's program is as it was: its
+backward pass reads those operands too, so XLA writes them anyway.
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -18,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from deris_jax.models import layers
-from deris_jax.ops import sample
+from deris_jax.ops import materialize, sample
 
 SpatialShapes = Tuple[Tuple[int, int], ...]
 
@@ -30,16 +37,37 @@ def level_start_index(spatial_shapes: Sequence[Tuple[int, int]]) -> Tuple[int, .
 
 
 @jax.checkpoint
-def _gather_and_mix(level_value: jax.Array, rows: jax.Array, mix: jax.Array) -> jax.Array:
+def _gather_and_mix_checkpointed(level_value: jax.Array, rows: jax.Array,
+                                 mix: jax.Array) -> jax.Array:
   """sum_k mix[..., k] * level_value[rows[..., k]]: (N, D), (B, Lq, H, K), (B, Lq, H, K) ->
   (B, Lq, H, D).
 
   A multiply-and-reduce (not a dot), so it stays exact float32 (no TF32) and XLA may fuse the
-  gather into the reduction. Rematerialised in the backward pass: the (B, Lq, H, K, D) gathered values are never
-  kept as a residual (at DeRIS size that is 0.75 GiB per level and layer at batch 16).
+  gather into the reduction. Rematerialised in the backward pass: the (B, Lq, H, K, D) gathered
+  values are never kept as a residual (at DeRIS size that is 0.75 GiB per level and layer at
+  batch 16).
   """
   gathered = jnp.take(level_value, rows, axis=0, mode="clip")  # (B, Lq, H, K, D)
   return jnp.sum(mix[..., None] * gathered, axis=-2)
+
+
+@jax.custom_vjp
+def _gather_and_mix(level_value: jax.Array, rows: jax.Array, mix: jax.Array) -> jax.Array:
+  """`_gather_and_mix_checkpointed`; without a gradient, its operands written once on the CPU
+  (module docstring). A gradient is that of the checkpointed function, unchanged."""
+  return _gather_and_mix_checkpointed(materialize.write_once(level_value),
+                                      materialize.write_once(rows), materialize.write_once(mix))
+
+
+def _gather_and_mix_forward(level_value, rows, mix):
+  return jax.vjp(_gather_and_mix_checkpointed, level_value, rows, mix)  # (out, vjp function)
+
+
+def _gather_and_mix_backward(vjp_fn, cotangent):
+  return vjp_fn(cotangent)
+
+
+_gather_and_mix.defvjp(_gather_and_mix_forward, _gather_and_mix_backward)
 
 
 def ms_deform_attn_core(value: jax.Array, spatial_shapes: SpatialShapes,
