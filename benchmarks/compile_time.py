@@ -76,8 +76,8 @@ def measure(program: str, variant: str, layout: str, batch: int, compile: bool =
   model = abstract_model(config.model)
   if layout in ("beit3", "beit3+swin"):  # switch the other stacks back to their loops
     for stage in model.swin.layers:
-      stage.scan_layers = layout == "beit3+swin"
-    model.pixel_decoder.scan_layers = False
+      stage.scan = layout == "beit3+swin"
+    model.pixel_decoder.scan = False
   graphdef, params = nnx.split(model)  # the parameters are the same in every layout
 
   config.data.batch_size = batch

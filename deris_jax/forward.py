@@ -20,7 +20,6 @@ import jax
 from flax import nnx
 
 from deris_jax import batch as batch_lib
-from deris_jax.models import scan
 from deris_jax.models.deris import DerisOutput
 
 
@@ -34,7 +33,7 @@ def bind(graphdef: nnx.GraphDef, params: Mapping, frozen: Optional[Mapping] = No
 def apply(graphdef: nnx.GraphDef, params: Mapping, batch: Mapping[str, Any], *,
           frozen: Optional[Mapping] = None, train: bool = False,
           dropout_key: Optional[jax.Array] = None,
-          taps: Optional[dict] = None, loop_stacks: bool = False) -> DerisOutput:
+          taps: Optional[dict] = None) -> DerisOutput:
   """Runs the model of `graphdef` with `params` on the `batch.MODEL_INPUTS` of `batch`.
 
   Args:
@@ -46,13 +45,9 @@ def apply(graphdef: nnx.GraphDef, params: Mapping, batch: Mapping[str, Any], *,
     train: stochastic depth and dropout on; then `dropout_key` draws them.
     dropout_key: the key of the model's 'dropout' stream (train only).
     taps: a dict to fill with intermediates under the fixture's names (parity checks).
-    loop_stacks: run scanned stacks as Python loops (`models.scan.loop_stacks`; the same
-      parameters and numbers).
   Returns:
     the model's `DerisOutput`.
   """
   model = bind(graphdef, params, frozen)
-  if loop_stacks:
-    scan.loop_stacks(model)
   rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
   return model(*(batch[k] for k in batch_lib.MODEL_INPUTS), train=train, rngs=rngs, taps=taps)

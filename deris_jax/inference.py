@@ -226,22 +226,15 @@ def forward_fn(graphdef) -> Callable:
   Returns fn(params, image, image_mini, text_ids, text_padding_mask) (`model_inputs` order;
   params as `forward.apply` takes them) ->
   (pred_masks (B, N, H, W) f32, refer_logits (B, N, 2), existence_logit (B, 1)).
-
-  On the CPU the stacks that `model.scan_layers` scans run as loops here (`scan.loop_stacks`):
-  without a gradient a scan only saves compile time, and each call paid for stacking every
-  layer's parameters (DeRIS-B at batch 1: 1.17-1.19 s -> 1.07-1.09 s per call, XLA's memory
-  estimate 1.94 -> 1.15 GiB, compile 6.6-6.9 -> 8.3-8.7 s; BENCHMARKS.md "Inference with the
-  stacks looped on the CPU"). Other backends keep the model's layout (unmeasured there).
   """
   options = cpu_options.compiler_options()
   for known, known_options, fn in _FORWARDS:
     if known == graphdef and known_options == options:
       return fn
-  loop_stacks = jax.default_backend() == "cpu"
 
   def forward_outputs(params, *inputs):
     batch = dict(zip(batch_lib.MODEL_INPUTS, inputs, strict=True))
-    out = forward.apply(graphdef, params, batch, loop_stacks=loop_stacks)
+    out = forward.apply(graphdef, params, batch)
     return out.pred_masks, out.refer_logits, out.existence_logit
 
   fn = jax.jit(forward_outputs, compiler_options=options)

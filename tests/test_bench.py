@@ -9,14 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import bench
-from deris_jax import batch as batch_lib
-from deris_jax import forward
-from deris_jax.models.deris import abstract_model
-from deris_jax.train import params as params_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "configs" / "deris_micro.py")
@@ -143,16 +138,6 @@ def test_gpu_bench_parts_fit_one_lease():
     assert limits and sum(limits) <= 540, (part, limits)
 
 
-def _scanned_forward_gflops(model_config, batch: int) -> float:
-  """GFLOP per image of `forward.apply` lowered as it is built (scanned stacks stay scanned)."""
-  model = abstract_model(model_config)
-  graphdef, _ = nnx.split(model)
-  fn = jax.jit(lambda params, *inputs: forward.apply(
-      graphdef, params, dict(zip(batch_lib.MODEL_INPUTS, inputs))))
-  lowered = fn.lower(params_lib.model_params(model), *bench.forward_shapes(model_config, batch))
-  return bench.lowered_flops(lowered) / batch / 1e9
-
-
 def test_model_flops_count_every_layer_of_a_scanned_stack():
   config = bench.cli.load(MICRO, ["model.beit3.num_layers=4",
                                   "model.pixel_decoder.num_layers=3",
@@ -160,11 +145,9 @@ def test_model_flops_count_every_layer_of_a_scanned_stack():
   looped, scanned = config.copy_and_resolve_references(), config.copy_and_resolve_references()
   looped.model.scan_layers, scanned.model.scan_layers = False, True
   scanned.model.remat = True
-  # XLA counts a scanned stack's body once: the raw count of a scanned program is smaller
-  # (the model's forward as the train step runs it; the inference forward loops the stacks on
-  # the CPU, and keeps them scanned on other backends)
+  # XLA counts a scanned stack's body once: the raw count of the scanned program is smaller
   looped_gflops = bench.lowered_forward_gflops(looped.model, 2)
-  assert _scanned_forward_gflops(scanned.model, 2) < 0.9 * looped_gflops
+  assert bench.lowered_forward_gflops(scanned.model, 2) < 0.9 * looped_gflops
   counted = bench.counting_config(scanned)
   assert not counted.model.scan_layers and not counted.model.remat and scanned.model.scan_layers
   assert bench.lowered_forward_gflops(counted.model, 2) == pytest.approx(looped_gflops, rel=1e-6)

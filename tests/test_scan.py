@@ -14,14 +14,9 @@ import pytest
 from flax import nnx
 
 from configs import deris as deris_config
-from configs import deris_tiny
 from deris_jax.convert.torch_to_nnx import load_into
-import bench
-from deris_jax import batch as batch_lib
-from deris_jax import forward, inference
-from deris_jax.models import pixel_decoder, scan, swin
+from deris_jax.models import pixel_decoder, swin
 from deris_jax.models.deris import abstract_model
-from deris_jax.train import params as params_lib
 from tests import fixture_values
 from tests import test_pixel_decoder as pd_tests
 
@@ -74,7 +69,7 @@ def test_swin_pairs_scan_gives_the_loop_numbers(swin_images):
   results = []
   for scan in (False, True):
     model = _swin(scan)
-    assert [s.scan_layers for s in model.layers] == [scan] * 4
+    assert [s.scan for s in model.layers] == [scan] * 4
     loss, params = _swin_loss_fn(model)
     (value, outs), grads = jax.jit(jax.value_and_grad(
         lambda p, x: loss(p, x, None), has_aux=True))(params, swin_images)
@@ -167,41 +162,10 @@ def test_the_switch_reaches_every_stack(scan):
   config = deris_config.get_config("variant=b,data=refcoco")
   config.model.scan_layers = scan
   model = abstract_model(config.model)
-  assert model.beit3.scan_layers is scan and model.pixel_decoder.scan_layers is scan
-  assert [stage.scan_layers for stage in model.swin.layers] == [scan] * 4
+  assert model.beit3.scan_layers is scan and model.pixel_decoder.scan is scan
+  assert [stage.scan for stage in model.swin.layers] == [scan] * 4
   assert len(model.swin.layers[2].blocks) == 18  # stage 3: the 9 pairs that are scanned
   assert len(model.pixel_decoder.transformer.encoder.layers) == 6
-
-
-def test_loop_stacks_turns_every_switch_off():
-  config = deris_config.get_config("variant=b,data=refcoco")  # released: scan_layers on
-  model = abstract_model(config.model)
-  assert scan.loop_stacks(model) is model
-  assert not model.beit3.scan_layers and not model.pixel_decoder.scan_layers
-  assert not any(stage.scan_layers for stage in model.swin.layers)
-  # The parameters are the same tree either way (stored per layer).
-  config.model.scan_layers = False
-  assert (jax.tree.structure(nnx.state(model, nnx.Param))
-          == jax.tree.structure(nnx.state(abstract_model(config.model), nnx.Param)))
-
-
-def test_the_cpu_inference_forward_runs_scanned_stacks_as_loops():
-  """`inference.forward_fn` of a scanned model lowers without a loop on the CPU; the same
-  structure through `forward.apply` keeps its scans. Lowered only: nothing is compiled."""
-  if jax.default_backend() != "cpu":
-    pytest.skip("the inference forward loops the stacks on the CPU only")
-  config = deris_tiny.get_config()
-  config.model.scan_layers = True  # BEiT-3 and the encoder: two layers each
-  model = abstract_model(config.model)
-  graphdef, _ = nnx.split(model)
-  params = params_lib.model_params(model)
-  shapes = bench.forward_shapes(config.model, 2)
-
-  def scanned(params, *inputs):
-    return forward.apply(graphdef, params, dict(zip(batch_lib.MODEL_INPUTS, inputs)))
-
-  assert "stablehlo.while" in jax.jit(scanned).lower(params, *shapes).as_text()
-  assert "stablehlo.while" not in inference.forward_fn(graphdef).lower(params, *shapes).as_text()
 
 
 def test_scanned_swin_and_pixel_decoder_train_in_bfloat16(fixture_cfg, tiny_outputs):

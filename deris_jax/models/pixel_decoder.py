@@ -118,7 +118,7 @@ class MSDeformAttnPixelDecoder(nnx.Module):
                        f"{conv_dim}")
     dtype = jnp.dtype(dtype)  # also accepts the config's 'float32' / 'bfloat16'
     self.conv_dim, self.dtype = conv_dim, dtype
-    self.scan_layers = scan  # one compiled body for the stack (`scan.loop_stacks` turns it off)
+    self.scan = scan
     res_channels = dict(zip(("res2", "res3", "res4", "res5"), in_channels))
     self.input_proj = nnx.List([
         _conv_norm(res_channels[name], conv_dim, 1, num_groups, "xavier", rngs=rngs, dtype=dtype)
@@ -166,7 +166,7 @@ class MSDeformAttnPixelDecoder(nnx.Module):
                jnp.broadcast_to(ref_points, (batch,) + ref_points.shape[1:]))
     pos_flat = pos_flat.astype(self.dtype)
     encoder_layers = list(self.transformer.encoder.layers)
-    if self.scan_layers and len(encoder_layers) > 1:
+    if self.scan and len(encoder_layers) > 1:
       def body(src, modules, _):
         layer_taps = None if taps is None else {}  # per-layer taps leave the scan stacked
         src = modules[0](src, pos_flat, ref_points, spatial_shapes, taps=layer_taps,

@@ -24,21 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def loop_stacks(model: nnx.Module) -> nnx.Module:
-  """Turns every scanned stack of `model` (modules with a true `scan_layers`) into a Python
-  loop, in place, and returns `model`.
-
-  For a forward pass without gradient on the CPU (`inference.forward_fn`): scanned, every call
-  stacks each layer's parameters into a new array (DeRIS-B: ~125 ms of ~820 ms of thread time
-  at batch 1, and XLA's memory estimate 1.94 GiB against 1.15 GiB looped); a loop reads them
-  where they are. The parameters and the numbers are the same either way.
-  """
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and getattr(node, "scan_layers", False):
-      node.scan_layers = False
-  return model
-
-
 def stack_params(modules: Sequence[nnx.Module]):
   """The modules' parameters as one pure-dict tree with a leading axis of len(modules)."""
   params = [nnx.to_pure_dict(nnx.state(m)) for m in modules]

@@ -182,7 +182,7 @@ class BasicLayer(nnx.Module):
                              mlp_ratio, drop_path_rates[i], rngs=rngs, dtype=dtype)
         for i in range(depth)])
     self.downsample = PatchMerging(dim, rngs=rngs, dtype=dtype) if downsample else None
-    self.scan_layers = scan  # one compiled body for the stack (`scan.loop_stacks` turns it off)
+    self.scan = scan
 
   def __call__(self, x: jax.Array, height: int, width: int, *, train: bool,
                rngs: Optional[nnx.Rngs]) -> jax.Array:
@@ -190,7 +190,7 @@ class BasicLayer(nnx.Module):
     applies `downsample` (the official BasicLayer returns both)."""
     blocks = list(self.blocks)
     pairs = len(blocks) // 2
-    if self.scan_layers and pairs >= 2:
+    if self.scan and pairs >= 2:
       x = self._scan_pairs(blocks[:2 * pairs], x, height, width, train=train, rngs=rngs)
       blocks = blocks[2 * pairs:]  # an odd last block (no released depth has one)
     for block in blocks:
