@@ -1,6 +1,7 @@
 """Multi-scale deformable attention: the core against a loop-based numpy grid_sample and the
 official fixture, its gradients, and the MSDeformAttn module's official initialisation."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,41 @@ def test_core_gathers_from_operands_written_once_on_the_cpu(random_case):
   assert gathering, text
   # No gather loop recomputes the bilinear corners (their floor) for every value it reads.
   assert not [c for c in gathering if " floor(" in c], gathering
+
+
+def test_core_without_gradient_sums_the_gathered_rows_by_a_product_on_the_cpu(random_case):
+  value, loc, weights = random_case
+  if jax.default_backend() != "cpu":
+    pytest.skip("the product form is the CPU's")
+  text = core.lower(value, SHAPES, loc, weights).compile().as_text()
+  # One batched (1, K) x (K, D) product per level, (B, LQ, HEADS, [1,] D) out.
+  products = re.findall(rf"= f32\[{B},{LQ},{HEADS},(?:1,)?{D}\]\S* dot\(", text)
+  assert len(products) == len(SHAPES), text
+
+
+def test_core_without_gradient_over_query_chunks(random_case, monkeypatch):
+  value, loc, weights = random_case
+  # Four of the queries: shapes no other test traces (jax keeps the primal's trace per shape).
+  loc, weights, queries = loc[:, 1:5], weights[:, 1:5], 4
+  # Each level's gathered rows are B*4*HEADS*(POINTS*4)*D float32: allow half of them.
+  monkeypatch.setattr(deform_attn, "GATHER_CHUNK_BYTES", B * queries * HEADS * POINTS * 4 * D * 2)
+  got = np.asarray(core(value, SHAPES, loc, weights))
+  np.testing.assert_allclose(got, numpy_grid_sample_core(value, SHAPES, loc, weights),
+                             atol=2e-6, rtol=1e-5)
+  if jax.default_backend() == "cpu":  # each gather reads the rows of half the queries
+    text = core.lower(value, SHAPES, loc, weights).compile().as_text()
+    rows = re.findall(rf"= f32\[(\d+),1,{D}\]\S* gather\(", text)
+    assert rows and set(rows) == {str(B * queries // 2 * HEADS * POINTS * 4)}, text
+
+
+def test_query_chunks_divide_the_queries_within_the_budget():
+  budget = deform_attn.GATHER_CHUNK_BYTES
+  assert deform_attn._query_chunks(3024, budget) == 1
+  assert deform_attn._query_chunks(3024, budget + 1) == 2
+  # DeRIS-B at the eval batch 16: 3024 queries, 8 heads, 16 corners, 32 channels.
+  chunks = deform_attn._query_chunks(3024, 16 * 3024 * 8 * 16 * 32 * 4)
+  assert 3024 % chunks == 0 and 16 * 3024 * 8 * 16 * 32 * 4 <= chunks * budget
+  assert deform_attn._query_chunks(7, 100 * budget) == 7  # one query at a time at most
 
 
 def test_core_bfloat16_values_sample_in_float32(random_case):

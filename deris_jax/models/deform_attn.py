@@ -9,12 +9,15 @@ Per level it does one gather of the 4 bilinear neighbours of every sampling poin
 level's flattened values, then a weighted sum in float32; nothing larger than
 (B, Lq, heads, points*4, D) per level is materialised.
 
-In a forward pass without gradient (eval, predict, the demo), on the CPU, the gather's operands
-(the level's values, the corner rows and their weights) are written to memory first
-(`ops.materialize.write_once`). Otherwise XLA:CPU fused the bilinear corners, their weights
-and every level into one loop that recomputed them for each gathered value (BENCHMARKS.md
-"Deformable attention's operands written once"). A train step's program is as it was: its
-backward pass reads those operands too, so XLA writes them anyway.
+In a forward pass without gradient (eval, predict, the demo), on the CPU, the level's values
+and the corner rows are written to memory first (`ops.materialize.write_once`; otherwise
+XLA:CPU fused the bilinear corners and every level into one loop that recomputed them for each
+gathered value), then the gathered rows, then their weighted sum as a batched (1, K) x (K, D)
+product, over chunks of queries when the rows would pass `GATHER_CHUNK_BYTES` (BENCHMARKS.md
+"Deformable attention's operands written once" and "... summed by a product"). A train step's
+program is as it was: its gradient is the checkpointed multiply-and-reduce's, whose backward
+pass reads those operands too, so XLA writes them anyway; writing the gathered rows there
+would cost more than the product saves.
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -51,12 +54,48 @@ def _gather_and_mix_checkpointed(level_value: jax.Array, rows: jax.Array,
   return jnp.sum(mix[..., None] * gathered, axis=-2)
 
 
+# The gathered rows of one chunk of queries, at most this many bytes (`_gather_then_dot`).
+GATHER_CHUNK_BYTES = 64 << 20
+
+
+def _query_chunks(num_queries: int, gathered_bytes: int) -> int:
+  """The fewest chunks, a divisor of num_queries, whose gathered rows fit GATHER_CHUNK_BYTES."""
+  for chunks in range(1, num_queries + 1):
+    if num_queries % chunks == 0 and gathered_bytes <= chunks * GATHER_CHUNK_BYTES:
+      return chunks
+  return num_queries
+
+
+def _gather_then_dot(level_value: jax.Array, rows: jax.Array, mix: jax.Array) -> jax.Array:
+  """`_gather_and_mix_checkpointed` as XLA:CPU runs it fastest without a gradient: the
+  gathered rows written out, then a batched (1, K) x (K, D) product in float32; over chunks of
+  queries when the rows of all would pass GATHER_CHUNK_BYTES (eval batches)."""
+  batch, num_queries, heads, k = rows.shape
+  head_dim = level_value.shape[-1]
+  level_value = materialize.write_once(level_value)  # (N, D)
+  rows = materialize.write_once(rows)  # (B, Lq, H, K), computed once, not per gathered value
+
+  def gather_then_dot(chunk_rows, chunk_mix):  # (B, c, H, K) each -> (B, c, H, D)
+    gathered = jnp.take(level_value, chunk_rows, axis=0, mode="clip")  # (B, c, H, K, D)
+    return jax.lax.dot_general(chunk_mix, gathered, (((3,), (3,)), ((0, 1, 2), (0, 1, 2))),
+                               precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+  chunks = _query_chunks(num_queries, batch * num_queries * heads * k * head_dim * 4)
+  if chunks == 1:
+    return gather_then_dot(rows, mix)
+  split = lambda x: jnp.moveaxis(  # noqa: E731  (B, Lq, ...) -> (chunks, B, Lq/chunks, ...)
+      x.reshape((batch, chunks, num_queries // chunks) + x.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda operands: gather_then_dot(*operands), (split(rows), split(mix)))
+  return jnp.moveaxis(out, 0, 1).reshape(batch, num_queries, heads, head_dim)
+
+
 @jax.custom_vjp
 def _gather_and_mix(level_value: jax.Array, rows: jax.Array, mix: jax.Array) -> jax.Array:
-  """`_gather_and_mix_checkpointed`; without a gradient, its operands written once on the CPU
+  """`_gather_and_mix_checkpointed`; without a gradient, on the CPU, `_gather_then_dot`
   (module docstring). A gradient is that of the checkpointed function, unchanged."""
-  return _gather_and_mix_checkpointed(materialize.write_once(level_value),
-                                      materialize.write_once(rows), materialize.write_once(mix))
+  return jax.lax.platform_dependent(level_value, rows, mix, cpu=_gather_then_dot,
+                                    default=_gather_and_mix_checkpointed)
 
 
 def _gather_and_mix_forward(level_value, rows, mix):
