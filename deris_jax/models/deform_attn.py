@@ -81,7 +81,8 @@ def _gather_then_dot(level_value: jax.Array, rows: jax.Array, mix: jax.Array) ->
                                precision=jax.lax.Precision.HIGHEST,
                                preferred_element_type=jnp.float32)
 
-  chunks = _query_chunks(num_queries, batch * num_queries * heads * k * head_dim * 4)
+  row_bytes = head_dim * jnp.dtype(level_value.dtype).itemsize
+  chunks = _query_chunks(num_queries, batch * num_queries * heads * k * row_bytes)
   if chunks == 1:
     return gather_then_dot(rows, mix)
   split = lambda x: jnp.moveaxis(  # noqa: E731  (B, Lq, ...) -> (chunks, B, Lq/chunks, ...)
