@@ -49,7 +49,8 @@ Differences from the official code, all deliberate:
   except for a no-target sample whose logit is >= ~16, where float32 sigmoid rounds to 1 and
   the official loss jumps to 100 with zero gradient (measured: logit 16 -> 15.94 vs 16.0,
   logit 17 -> 100 vs 17).
-- Random points: example b draws all its points from `fold_in(rng, b)`, so a real example's
+- Random points: example b draws all its points from (rng, b) (`ops/keyed_bits.py`, a keyed
+  hash instead of threefry: the same law, cheaper to compile and run), so a real example's
   points (and thus its loss) do not depend on the batch size or on padding examples appended
   to the batch.
 - The importance points are kept in candidate order, not most uncertain first: the set
@@ -64,7 +65,7 @@ import ml_collections as mlc
 import optax
 
 from deris_jax import matching
-from deris_jax.ops import sample, top_set
+from deris_jax.ops import keyed_bits, sample, top_set
 
 Metrics = dict
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -183,8 +184,8 @@ def random_points(rng: jax.Array, *, batch_size: int, num_targets: int, num_roun
                   counts: PointCounts) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Every uniform draw of the objective, from one key per example.
 
-  Example b draws from `fold_in(rng, b)` only, so its points do not depend on the batch size
-  or on padding examples appended to the batch.
+  Example b draws from (rng, b) only (`keyed_bits.uniform`, counter b), so its points do not
+  depend on the batch size or on padding examples appended to the batch.
 
   Returns:
     matcher_points (R, B, P, 2), candidates (R, B, K, C, 2), fresh (R, B, K, P - U, 2), with
@@ -192,8 +193,8 @@ def random_points(rng: jax.Array, *, batch_size: int, num_targets: int, num_roun
   """
   per_slot = counts.num_candidates + counts.num_random
   per_round = counts.num_points + num_targets * per_slot
-  keys = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch_size))  # (B,)
-  draws = jax.vmap(lambda key: jax.random.uniform(key, (num_rounds, per_round, 2)))(keys)
+  draws = jax.vmap(lambda b: keyed_bits.uniform(rng, b, (num_rounds, per_round, 2)))(
+      jnp.arange(batch_size, dtype=jnp.uint32))  # (B, R, per_round, 2)
   draws = jnp.moveaxis(draws, 1, 0)  # (R, B, per_round, 2)
   matcher_points = draws[:, :, :counts.num_points]  # (R, B, P, 2)
   slots = draws[:, :, counts.num_points:].reshape(

@@ -6,7 +6,8 @@ Conventions (docs/design.md and the README):
 - Sub-module names follow the official PyTorch keys (`in_proj`, `out_proj`, `layers`), so
   `deris_jax.convert` maps checkpoints with a small table of name rules.
 - Stochastic layers (dropout, drop path) take `rngs` at call time and are active only when
-  `train=True`; the model itself holds no RNG state.
+  `train=True`; the model itself holds no RNG state. Their masks come from a keyed hash of
+  the element index (`ops/keyed_bits.py`: the law of `jax.random.bernoulli`, other draws).
 """
 from typing import Optional
 
@@ -17,6 +18,7 @@ from flax import nnx
 
 from deris_jax.models import initializers
 from deris_jax.ops import group_norm
+from deris_jax.ops import keyed_bits
 from deris_jax.ops import layer_norm
 from deris_jax.ops import sum_rows
 
@@ -148,7 +150,7 @@ def dropout(x: jax.Array, rate: float, *, train: bool, rngs: Optional[nnx.Rngs])
     return x
   if rngs is None:
     raise ValueError("dropout in training needs `rngs` with a 'dropout' stream")
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  keep = keyed_bits.bernoulli(rngs.dropout, 1.0 - rate, x.shape)  # x's shape
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
@@ -162,7 +164,7 @@ def drop_path(x: jax.Array, rate, *, train: bool, rngs: Optional[nnx.Rngs]) -> j
   if rngs is None:
     raise ValueError("drop path in training needs `rngs` with a 'dropout' stream")
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
+  keep = keyed_bits.bernoulli(rngs.dropout, 1.0 - rate, shape)  # (B, 1, ...)
   keep_prob = 1.0 - rate
   if not isinstance(keep_prob, (int, float)):  # a traced float32 rate: keep x's dtype (bf16)
     keep_prob = jnp.asarray(keep_prob, x.dtype)
