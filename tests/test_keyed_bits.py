@@ -1,5 +1,5 @@
-"""Dropout's keyed-hash bits (deris_jax/ops/keyed_bits.py): uniform, independent, reproducible,
-drawn per shard, and no threefry in the program."""
+"""The keyed-hash bits of dropout, drop path and the loss's points (deris_jax/ops/keyed_bits.py):
+uniform, independent, reproducible, drawn per shard, and no threefry in the programs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
