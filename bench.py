@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import kernels
 from configs import common
 from deris_jax import cli, compile_cache, inference
 from deris_jax import sharding as S
@@ -66,8 +67,9 @@ def peak_memory_bytes() -> int:
 
 def compiled_stats(compiled) -> Dict[str, float]:
   """XLA's view of a compiled program: the bytes its buffers need on one device (arguments +
-  outputs + temporaries - donated aliases) and its HLO instructions. (Not its FLOPs: after
-  optimisation XLA counts a loop's body once, and on a GPU not the library calls; see
+  outputs + temporaries - donated aliases), its HLO instructions and its distinct fused
+  computations (`benchmarks.kernels`: what XLA:CPU's compile time follows). (Not its FLOPs:
+  after optimisation XLA counts a loop's body once, and on a GPU not the library calls; see
   `lowered_flops`.)"""
   memory = compiled.memory_analysis()
   if memory is None:
@@ -78,7 +80,8 @@ def compiled_stats(compiled) -> Dict[str, float]:
   text = compiled.as_text() or ""
   hlo_ops = sum(1 for line in text.splitlines()
                 if " = " in line and not line.startswith("HloModule"))  # instructions
-  return dict(mem_bytes=mem_bytes, hlo_ops=hlo_ops)
+  return dict(mem_bytes=mem_bytes, hlo_ops=hlo_ops,
+              distinct_fusions=kernels.fusion_stats(text)["distinct_fusions"])
 
 
 def lowered_flops(lowered) -> float:
@@ -223,7 +226,7 @@ def _row(mode: str, batch: int, dtype, compile_s: float, step_s: float, stats,
               step_ms=1e3 * step_s, images_per_s=batch / step_s,
               gflops_per_image=gflops_per_image,
               peak_mem_gib=peak_memory_bytes() / 2**30, xla_mem_gib=stats["mem_bytes"] / 2**30,
-              hlo_ops=stats["hlo_ops"])
+              hlo_ops=stats["hlo_ops"], distinct_fusions=stats["distinct_fusions"])
 
 
 def _compat_multiple(model_config) -> int:
@@ -378,7 +381,7 @@ def bench_deform(batches: List[int], args) -> List[dict]:
                                                steps=args.steps)
       rows.append(dict(mode=f"deform {name}", batch=b, dtype=str(dtype), compile_s=compile_s,
                        step_ms=1e3 * step_s, peak_mem_gib=peak_memory_bytes() / 2**30,
-                       hlo_ops=stats["hlo_ops"]))
+                       hlo_ops=stats["hlo_ops"], distinct_fusions=stats["distinct_fusions"]))
   return rows
 
 

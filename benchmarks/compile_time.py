@@ -6,7 +6,9 @@
 For each released variant (configs/deris.py:variant=V,data=refcoco) and layout, a fresh
 subprocess lowers and compiles, on abstract parameters and batch (`jax.ShapeDtypeStruct`s:
 nothing is allocated), one program and prints one line: tracing and lowering seconds, compile
-seconds, optimised HLO instructions (`--no_compile`: tracing and lowering only, what a start
+seconds, optimised HLO instructions, and the distinct fused computations among its fusions
+(`benchmarks/kernels.py`: what the compile time follows, steadier than the wall time on a
+busy machine) (`--no_compile`: tracing and lowering only, what a start
 pays before XLA, e.g. `train.py --dry_run` on the released configs). Programs:
   grad  `jax.grad` of the training loss (`step.make_loss_fn`: forward with train=True, the
         official loss; gradients of the trainable parameters, the frozen Swin gets none, as
@@ -33,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import kernels
+
 LAYOUTS = ("loop", "beit3", "beit3+swin", "scan")
 
 
@@ -48,11 +52,13 @@ def lower_and_compile(jitted, args, compile: bool = True) -> dict:
   row = dict(trace_s=round(t1 - t0, 2), lower_s=round(t2 - t0, 1), jax=jax.__version__,
              platform=jax.devices()[0].platform)
   if not compile:
-    return dict(row, compile_s=None, hlo_instructions=None,
+    return dict(row, compile_s=None, hlo_instructions=None, fusions=None, distinct_fusions=None,
                 mlir_operations=lowered.as_text().count(" = "))
   compiled = lowered.compile()
   t3 = time.perf_counter()
-  return dict(row, compile_s=round(t3 - t2, 1), hlo_instructions=compiled.as_text().count(" = "))
+  text = compiled.as_text()
+  return dict(row, compile_s=round(t3 - t2, 1), hlo_instructions=text.count(" = "),
+              **kernels.fusion_stats(text))
 
 
 def measure(program: str, variant: str, layout: str, batch: int, compile: bool = True) -> dict:
@@ -144,7 +150,8 @@ def main(argv=None) -> int:
           line += f"  MLIR operations {row['mlir_operations']:7d}"
         else:
           line += (f"  compile {row['compile_s']:6.1f} s  HLO instructions "
-                   f"{row['hlo_instructions']:7d}")
+                   f"{row['hlo_instructions']:7d}  distinct fused computations "
+                   f"{row['distinct_fusions']:5d} of {row['fusions']:5d}")
         print(line, flush=True)
   if args.json:
     with open(args.json, "w") as f:
