@@ -68,7 +68,7 @@ def peak_memory_bytes() -> int:
 def compiled_stats(compiled) -> Dict[str, float]:
   """XLA's view of a compiled program: the bytes its buffers need on one device (arguments +
   outputs + temporaries - donated aliases), its HLO instructions and its distinct fused
-  computations (`benchmarks.kernels`: what XLA:CPU's compile time follows). (Not its FLOPs:
+  computations (`benchmarks.kernels`: what XLA:CPU's code generation follows). (Not its FLOPs:
   after optimisation XLA counts a loop's body once, and on a GPU not the library calls; see
   `lowered_flops`.)"""
   memory = compiled.memory_analysis()

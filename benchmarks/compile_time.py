@@ -7,8 +7,8 @@ For each released variant (configs/deris.py:variant=V,data=refcoco) and layout, 
 subprocess lowers and compiles, on abstract parameters and batch (`jax.ShapeDtypeStruct`s:
 nothing is allocated), one program and prints one line: tracing and lowering seconds, compile
 seconds, optimised HLO instructions, and the distinct fused computations among its fusions
-(`benchmarks/kernels.py`: what the compile time follows, steadier than the wall time on a
-busy machine) (`--no_compile`: tracing and lowering only, what a start
+(`benchmarks/kernels.py`: what XLA:CPU's code generation follows, steadier than the wall
+time on a busy machine) (`--no_compile`: tracing and lowering only, what a start
 pays before XLA, e.g. `train.py --dry_run` on the released configs). Programs:
   grad  `jax.grad` of the training loss (`step.make_loss_fn`: forward with train=True, the
         official loss; gradients of the trainable parameters, the frozen Swin gets none, as

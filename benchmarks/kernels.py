@@ -37,7 +37,6 @@ def _normaliser(computations: Dict[str, str]):
 
   def digest(name: str) -> str:
     if name not in digests:
-      digests[name] = ""  # a cycle cannot occur in HLO; this only guards the recursion
       renamed: Dict[str, str] = {}
 
       def rename(match) -> str:
