@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import common
 from deris_jax import losses
@@ -86,6 +88,46 @@ def test_optimizer_reproduces_pytorch_adam_amsgrad_with_clipping_and_groups(norm
     np.testing.assert_allclose(norm, want_norm, rtol=1e-6, err_msg=f"step {t} grad norm")
     np.testing.assert_allclose(w, want_w, rtol=2e-7, atol=1e-9, err_msg=f"step {t} w (lr x1)")
     np.testing.assert_allclose(b, want_b, rtol=2e-7, atol=1e-9, err_msg=f"step {t} b (x0.5)")
+
+
+def _norm_tree():
+  rng = np.random.default_rng(0)
+  return {"a": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32),
+          "b": {"c": jnp.asarray(rng.normal(size=(3,)) * 100, jnp.bfloat16),
+                "d": jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)},
+          "e": jnp.asarray(2.5, jnp.float32)}
+
+
+@pytest.mark.parametrize("joined", ["none", "all", "some"])
+def test_global_norm_is_the_same_with_leaves_concatenated_or_not(joined):
+  tree = _norm_tree()
+  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+  concatenated = {"none": None,
+                  "all": jax.tree.map(lambda _: True, tree),
+                  "some": {"a": True, "b": {"c": False, "d": True}, "e": False}}[joined]
+  got = jax.jit(lambda t: opt_lib.global_norm(t, concatenated))(tree)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  assert float(opt_lib.global_norm({}, {})) == 0.0
+
+
+def test_global_norm_does_not_gather_sharded_leaves():
+  """The train step joins the replicated leaves only: a concatenation of sharded ones would
+  gather them on every device."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  specs = {"a": P("fsdp", None), "b": P(None, "fsdp"), "c": P(), "d": P()}
+  rng = np.random.default_rng(1)
+  tree = {name: jax.device_put(rng.normal(size=(16, 8)).astype(np.float32),
+                               NamedSharding(mesh, spec)) for name, spec in specs.items()}
+  replicated = jax.tree.map(lambda x: x.sharding.is_fully_replicated, tree)
+  assert replicated == {"a": False, "b": False, "c": True, "d": True}
+  compiled = jax.jit(lambda t: opt_lib.global_norm(t, replicated)).lower(tree).compile()
+  assert "all-gather" not in compiled.as_text()
+  every_leaf = jax.tree.map(lambda _: True, replicated)
+  assert "all-gather" in jax.jit(lambda t: opt_lib.global_norm(t, every_leaf)).lower(
+      tree).compile().as_text()  # what joining the sharded leaves would cost
+  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree.values()))
+  np.testing.assert_allclose(float(compiled(tree)), want, rtol=1e-6)
 
 
 def test_the_clip_uses_the_norm_it_is_given():

@@ -67,13 +67,16 @@ def make_loss_fn(trainer: Trainer) -> Callable:
 def train_step_fn(trainer: Trainer) -> Callable[[TrainState, dict], Tuple[TrainState, dict]]:
   """The un-jitted step (see `jit_train_step`)."""
   loss_fn = make_loss_fn(trainer)
+  # The gradient norm sums the replicated gradients in one reduction (`opt_lib.global_norm`).
+  replicated = jax.tree.map(lambda sharding: sharding.is_fully_replicated,
+                            trainer.split_params(trainer.state_shardings.params)[0])
 
   def step(state: TrainState, batch: dict):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     trainable, frozen = trainer.split_params(state.params)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen,
                                                                        batch, key)
-    grad_norm = opt_lib.global_norm(grads)  # () logged, and the clip's (the same value)
+    grad_norm = opt_lib.global_norm(grads, replicated)  # () logged, and the clip's
     updates, opt_state = trainer.tx.update(grads, state.opt_state, trainable, grad_norm=grad_norm,
                                            steps_per_epoch=state.steps_per_epoch)
     new_params = params_lib.merge_trees(optax.apply_updates(trainable, updates), frozen)
