@@ -314,8 +314,9 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
     why += f" and {_compat_reason(config.model)}"
   check_batches(batches, mesh.size, why, group=_compat_multiple(config.model))
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1000)
+  stored = trainer.stored_abstract_state().params  # init_state takes one subtree per layer
   state = state_lib.init_state(trainer, config.train.seed, params=random_params(
-      trainer.abstract_state.params, trainer.state_shardings.params))
+      stored, jax.tree.map(lambda a: a.sharding, stored)))
   num_targets = config.data.max_instances if "data" in config else 1
   train_step = step_lib.jit_train_step(trainer)
   progress("train state with random parameters ready")

@@ -63,17 +63,13 @@ def lower_and_compile(jitted, args, compile: bool = True) -> dict:
 
 def measure(program: str, variant: str, layout: str, batch: int, compile: bool = True) -> dict:
   os.environ["DERIS_JAX_CACHE"] = "off"
-  import dataclasses
-
   import jax
-  from flax import nnx
 
   from configs import deris as deris_config
   from deris_jax import batch as batch_lib
   from deris_jax import cpu_options
   from deris_jax import sharding as S
   from deris_jax.models.deris import abstract_model
-  from deris_jax.train import params as params_lib
   from deris_jax.train import state as state_lib
   from deris_jax.train import step as step_lib
 
@@ -84,13 +80,11 @@ def measure(program: str, variant: str, layout: str, batch: int, compile: bool =
     for stage in model.swin.layers:
       stage.scan = layout == "beit3+swin"
     model.pixel_decoder.scan = False
-  graphdef, params = nnx.split(model)  # the parameters are the same in every layout
 
   config.data.batch_size = batch
   config.data.official_world_size = 1  # the loss's, linked: any batch
   mesh = S.make_mesh(config.mesh, jax.devices()[:1])
-  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1)
-  trainer = dataclasses.replace(trainer, graphdef=graphdef)
+  trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1, model=model)
   batch_spec = batch_lib.abstract(config.data, batch, S.batch_sharding(mesh))
   row = dict(program=program, variant=variant, layout=layout, batch=batch)
   if program == "step":
@@ -98,8 +92,9 @@ def measure(program: str, variant: str, layout: str, batch: int, compile: bool =
                                          (trainer.sharded_abstract_state(), batch_spec), compile))
 
   # The training loss as the step computes it (`step.make_loss_fn`), compiled with the step's
-  # XLA options; its gradient in the trainable parameters only.
-  trainable, frozen = params_lib.split_frozen(nnx.to_pure_dict(params), config.optimizer.frozen)
+  # XLA options; its gradient in the trainable parameters only, held as the train state holds
+  # them (the scanned stacks stacked: `Trainer.layout`).
+  trainable, frozen = trainer.split_params(trainer.abstract_state.params)
   loss_fn = step_lib.make_loss_fn(trainer)
   grad = jax.jit(jax.grad(lambda *a: loss_fn(*a)[0]),
                  compiler_options=cpu_options.compiler_options(mesh.devices.flat[0].platform))

@@ -9,7 +9,7 @@ get -inf and padded token embeddings are zeroed before the first layer.
 
 Attribute names equal the official state-dict names under `understanding_branch.vis_enc.beit3.`.
 """
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -176,7 +176,7 @@ class BEiT3(nnx.Module):
     layers.tap(taps, "cognition.beit3.encoder.padding_mask", key_padding.astype(jnp.int32))
     x = x * (1 - key_padding[..., None].astype(x.dtype))
     layers.tap(taps, "cognition.beit3.encoder.layer_input", x)
-    if self.scan_layers and len(self.encoder.layers) > 1:
+    if self.scan_groups():
       x = self._scan_layers(x, key_padding, split, train=train, rngs=rngs, taps=taps)
     else:
       run = lambda layer, x, rngs: layer(x, key_padding, split, train=train, rngs=rngs)
@@ -189,6 +189,11 @@ class BEiT3(nnx.Module):
     layers.tap(taps, "cognition.beit3.encoder_out", x)
     return x
 
+  def scan_groups(self) -> List[List[nnx.Module]]:
+    """The layers that run as one scan, as its one group; [] for a loop."""
+    stack = list(self.encoder.layers)
+    return [stack] if self.scan_layers and len(stack) > 1 else []
+
   def _scan_layers(self, x, key_padding, split, *, train, rngs, taps):
     """The layer stack as one `lax.scan` over the layers' stacked parameters (same numbers
     as the loop; the program holds one layer body, so it compiles in a fraction of the time).
@@ -196,7 +201,7 @@ class BEiT3(nnx.Module):
     Drop path draws one key per layer from `rngs` (other draws than the loop's, same law).
     With `taps`, every layer's output leaves the scan stacked and is recorded per layer.
     """
-    stack = list(self.encoder.layers)
+    stack, = self.scan_groups()
     rates = jnp.asarray([layer.drop_path_rate for layer in stack], jnp.float32)  # (num_layers,)
     use_rng = train and rngs is not None and any(layer.drop_path_rate > 0 for layer in stack)
     keys = scan_lib.step_keys(rngs, (len(stack),), use_rng)

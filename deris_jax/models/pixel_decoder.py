@@ -133,6 +133,11 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     self.layer_1 = _conv_norm(conv_dim, conv_dim, 3, num_groups, "c2_xavier", rngs=rngs,
                               dtype=dtype)
 
+  def scan_groups(self) -> List[List[nnx.Module]]:
+    """The encoder layers that run as one scan, as its one group; [] for a loop."""
+    stack = list(self.transformer.encoder.layers)
+    return [stack] if self.scan and len(stack) > 1 else []
+
   def __call__(self, features: Sequence[jax.Array], *, taps: Optional[dict] = None
                ) -> Tuple[jax.Array, List[jax.Array]]:
     """features: [res2, res3, res4, res5] NHWC backbone maps.
@@ -166,7 +171,7 @@ class MSDeformAttnPixelDecoder(nnx.Module):
                jnp.broadcast_to(ref_points, (batch,) + ref_points.shape[1:]))
     pos_flat = pos_flat.astype(self.dtype)
     encoder_layers = list(self.transformer.encoder.layers)
-    if self.scan and len(encoder_layers) > 1:
+    if self.scan_groups():
       def body(src, modules, _):
         layer_taps = None if taps is None else {}  # per-layer taps leave the scan stacked
         src = modules[0](src, pos_flat, ref_points, spatial_shapes, taps=layer_taps,

@@ -184,25 +184,33 @@ class BasicLayer(nnx.Module):
     self.downsample = PatchMerging(dim, rngs=rngs, dtype=dtype) if downsample else None
     self.scan = scan
 
+  def scan_groups(self) -> List[List[nnx.Module]]:
+    """The blocks that run as one scan, as its groups (regular, shifted); [] for a loop."""
+    blocks = list(self.blocks)
+    pairs = len(blocks) // 2
+    if not (self.scan and pairs >= 2):
+      return []
+    return [blocks[0:2 * pairs:2], blocks[1:2 * pairs:2]]
+
   def __call__(self, x: jax.Array, height: int, width: int, *, train: bool,
                rngs: Optional[nnx.Rngs]) -> jax.Array:
     """Runs the blocks on (B, H*W, C) tokens; the caller norms/taps the result and then
     applies `downsample` (the official BasicLayer returns both)."""
     blocks = list(self.blocks)
-    pairs = len(blocks) // 2
-    if self.scan and pairs >= 2:
-      x = self._scan_pairs(blocks[:2 * pairs], x, height, width, train=train, rngs=rngs)
-      blocks = blocks[2 * pairs:]  # an odd last block (no released depth has one)
+    groups = self.scan_groups()
+    if groups:
+      x = self._scan_pairs(*groups, x, height, width, train=train, rngs=rngs)
+      blocks = blocks[2 * len(groups[0]):]  # an odd last block (no released depth has one)
     for block in blocks:
       x = block(x, height, width, train=train, rngs=rngs)
     return x
 
-  def _scan_pairs(self, blocks, x, height, width, *, train, rngs):
+  def _scan_pairs(self, regular, shifted, x, height, width, *, train, rngs):
     """The blocks as a scan over (regular, shifted) pairs: the even blocks' parameters stacked
     as one group and the odd blocks' as the other; the per-block drop-path rates are scanned
     (pairs, 2) arrays and every block draws its own key (other draws than the loop's, same
     law). Same numbers as the loop in eval."""
-    regular, shifted = blocks[0::2], blocks[1::2]
+    blocks = regular + shifted
     if any(b.shift_size != regular[0].shift_size for b in regular) or any(
         b.shift_size != shifted[0].shift_size for b in shifted):
       raise ValueError("Swin scan: blocks of a stage must alternate two window shifts")

@@ -61,7 +61,9 @@ class Checkpointer:
 
   def save(self, state: TrainState, *, config: mlc.ConfigDict, data_position: Dict[str, int],
            extra_meta: Optional[Dict[str, Any]] = None) -> int:
-    """Writes the state at its step (returns it); async saves copy to host before returning."""
+    """Writes the state at its step (returns it); async saves copy to host before returning.
+
+    `state` in the stored layout (`Trainer.to_stored`: one subtree per layer)."""
     step = int(jax.device_get(state.step))
     meta = dict(kind="train", config=config.to_dict(), step=step, data=dict(data_position),
                 **(extra_meta or {}))
@@ -76,11 +78,12 @@ class Checkpointer:
 
   def restore(self, trainer: Trainer, step: Optional[int] = None
               ) -> Tuple[TrainState, Dict[str, Any]]:
-    """(state in the trainer's shardings, meta) of a step (default: the latest)."""
+    """(state in the trainer's layout and shardings, meta) of a step (default: the latest)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise checkpoints.CheckpointError(f"{self.directory} holds no checkpoint")
-    abstract, shardings = trainer.abstract_state, trainer.state_shardings
+    abstract = trainer.stored_abstract_state()  # checkpoints hold one subtree per layer
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
     opt_abs = _with_shardings(abstract.opt_state, shardings.opt_state)
     train_abs = dict(step=jax.ShapeDtypeStruct((), abstract.step.dtype, sharding=shardings.step),
                      rng=jax.ShapeDtypeStruct(abstract.rng.shape, abstract.rng.dtype,
@@ -106,7 +109,7 @@ class Checkpointer:
                                                         shardings.first_nonfinite_step),
                        steps_per_epoch=jax.device_put(np.int32(trainer.steps_per_epoch),
                                                       shardings.steps_per_epoch))
-    return state, dict(restored[checkpoints.META])
+    return trainer.from_stored(state), dict(restored[checkpoints.META])
 
   def wait(self) -> None:
     """Blocks until a pending asynchronous save is complete."""
@@ -128,7 +131,8 @@ class Checkpointer:
     return self._best_manager().latest_step()
 
   def save_best(self, state: TrainState, *, meta: Dict[str, Any]) -> int:
-    """Writes the params of `state` as the best checkpoint (replacing the previous one).
+    """Writes the params of `state` (stored layout) as the best checkpoint (replacing the
+    previous one).
 
     Synchronous and atomic: Orbax writes a temporary directory, renames it when complete and
     only then removes the previous best, so a kill leaves the previous or the new best.

@@ -300,7 +300,7 @@ def dry_run(config: mlc.ConfigDict, *, devices: Optional[Sequence[Any]] = None,
 
       stage = "eval forward"
       forward = _lower(stage, inference.forward_fn(trainer.graphdef),  # as the loop calls it
-                       (trainer.sharded_abstract_state().params,
+                       (trainer.stored_params(trainer.sharded_abstract_state().params),
                         *inference.model_inputs(inputs)),
                        b, {k: v.shape for k, v in inputs.items()}, compile, progress)
       report.programs.append(forward)

@@ -97,7 +97,7 @@ def _check_checkpoints(trainer: state_lib.Trainer, ckpt: checkpointing.Checkpoin
   a mistaken `--init_from` or a workdir of another config fails in a second, instead of after
   a compile of minutes that a process cannot abandon. The resumed checkpoint: its input
   stream and parameters; `--init_from` (not used when resuming): its parameters."""
-  expected = trees.named_leaves(trainer.abstract_state.params)
+  expected = trees.named_leaves(trainer.stored_params(trainer.abstract_state.params))
   if resumed_from is not None:
     position = _data_position(resumed_from, trainer.steps_per_epoch, trainer.config)
     _check_resume(checkpoints.restore_meta(ckpt.directory, resumed_from), position,
@@ -117,7 +117,7 @@ def init_params(directory, trainer: state_lib.Trainer, seed: int, report) -> Any
   shape mismatches raise a CheckpointError naming the first one (`checkpoints.merge_params`).
   """
   tree, meta = checkpoints.restore_params(directory)
-  abstract = trainer.abstract_state.params
+  abstract = trainer.stored_params(trainer.abstract_state.params)  # one subtree per layer
   merged, filled = checkpoints.merge_params(
       trees.named_leaves(tree), trees.named_leaves(abstract),
       fill=lambda: trees.named_leaves(state_lib.fresh_params(trainer, seed)),
@@ -143,8 +143,9 @@ def _evaluate(state, trainer, config, step, report,
   results = {}
   for split in settings.splits:
     with jax.transfer_guard("allow"):
-      results[split] = evaluation.evaluate_params(trainer.graphdef, state.params, config, split,
-                                                  mesh=trainer.mesh,
+      results[split] = evaluation.evaluate_params(trainer.graphdef,
+                                                  trainer.stored_params(state.params), config,
+                                                  split, mesh=trainer.mesh,
                                                   score_threshold=settings.score_threshold)
     metrics = dict(results[split]["metrics"], **results[split].get("extra_metrics", {}))
     report.eval_line(step, split, metrics, results[split]["score_threshold"])
@@ -226,7 +227,8 @@ class _Run:
   def save(self, done: int) -> None:
     self.check_finite({})
     extra = dict(best=self.tracker.record) if self.tracker is not None else None
-    self.ckpt.save(self.state, config=self.config,
+    # Checkpoints hold one subtree per layer (`Trainer.to_stored`), whatever the state's layout.
+    self.ckpt.save(self.trainer.to_stored(self.state), config=self.config,
                    data_position=_data_position(done, self.steps_per_epoch, self.config),
                    extra_meta=extra)
     self.last_checkpoint = done
@@ -281,7 +283,8 @@ class _Run:
   def _save_best(self, step: int) -> None:
     meta = self.tracker.best_meta(
         self.config, data_position=_data_position(step, self.steps_per_epoch, self.config))
-    self.ckpt.save_best(self.state, meta=meta)
+    stored = self.state.replace(params=self.trainer.stored_params(self.state.params))
+    self.ckpt.save_best(stored, meta=meta)
 
   def repair_best(self, resumed_from: int) -> None:
     """After a resume: writes the best checkpoint that a kill between the train checkpoint and

@@ -51,13 +51,20 @@ def model_loss_inputs(out) -> Dict[str, jax.Array]:
 
 
 def make_loss_fn(trainer: Trainer) -> Callable:
-  """(trainable, frozen, batch, key) -> (loss, metrics); differentiable in `trainable`."""
+  """(trainable, frozen, batch, key) -> (loss, metrics); differentiable in `trainable`.
+
+  The parameters come in the train state's layout (`Trainer.layout`: scanned stacks held
+  stacked). The model takes one subtree per layer and its scans stack them again; XLA folds
+  that stack of slices back into the stacked array, so neither the forward nor the gradient
+  holds per-layer copies."""
   config = trainer.config
+  unstack = trainer.layout.unstack
 
   def loss_fn(trainable, frozen, batch, key):
     dropout_key, loss_key = jax.random.split(key)
-    outputs = model_loss_inputs(forward.apply(trainer.graphdef, trainable, batch, frozen=frozen,
-                                              train=True, dropout_key=dropout_key))
+    outputs = model_loss_inputs(forward.apply(
+        trainer.graphdef, unstack(trainable), batch, frozen=unstack(frozen), train=True,
+        dropout_key=dropout_key))
     targets = {k: batch[k] for k in batch_lib.TARGETS}
     return losses.deris_loss(outputs, targets, loss_key, config=config.loss)
 
