@@ -63,8 +63,9 @@ def model_config(*, swin: str, beit3: str, num_queries: int, max_tokens: int) ->
       # Repeated stacks as one lax.scan each (deris_jax/models/scan.py): the BEiT-3 layers, the
       # Swin stages of 2+ (regular, shifted) block pairs and the pixel decoder's deformable
       # encoder layers. Same numbers as the loops (tests/test_scan.py; the parity command
-      # passes with --config.model.scan_layers=true), parameters stored per layer as before;
-      # faster compile.
+      # passes with --config.model.scan_layers=true), checkpoints per layer as before (the
+      # train state holds the stacks stacked: deris_jax/models/stack_layout.py); faster
+      # compile.
       scan_layers=False,
       existence_veto=False,  # corrected model only: the existence head may veto (docs/design.md)
       existence_threshold=0.5,

@@ -1,11 +1,14 @@
 """Repeated layers as one `lax.scan` (config `model.scan_layers`): one compiled body per stack.
 
 A Python loop over N layers puts N copies of the layer (and of its backward) into the program,
-so compile time grows with depth. Scanned, the program holds the body once. The parameters
-stay stored per layer (`layers[i]` ...), so checkpoints and the converter do not change: at
+so compile time grows with depth. Scanned, the program holds the body once. The model keeps
+its parameters per layer (`layers[i]` ...), so checkpoints and the converter do not change: at
 call time each layer's pure-dict parameters are stacked (`jnp.stack`, leading axis = layer)
 and the body rebuilds one layer with `nnx.merge(graphdef, slice)`; gradients flow back through
-the stack to every layer's own parameters.
+the stack to every layer's own parameters. The modules that scan say which layers they stack
+(`scan_groups()`), and the train state holds exactly those stacked (`stack_layout`): there
+the per-layer parameters the model receives are slices of the stacked arrays, and XLA folds
+the stack of those slices back into the arrays, so training pays for neither.
 
 Rules the callers keep:
 - The stacked modules differ only in parameter values and in attributes the body overrides

@@ -8,7 +8,7 @@ instead: at a stack's parent, the layers of each scan group become one subtree w
 carry a leading layer axis (`layers.scan0`; Swin stages have two groups, the regular and the
 shifted blocks). Then the step's program neither stacks the parameters nor cuts each layer's
 gradient out of the scan's stacked one, and the optimizer updates one array per stacked leaf
-instead of one per layer: DeRIS-B's train step compiles in about 2/3 of the time
+instead of one per layer: the released configs' train steps compile in 55-80% of the time
 (BENCHMARKS.md "Scanned stacks held stacked in the train state").
 
 `StackLayout.of(model)` reads the stacks from the modules that scan (`scan_groups()`: Swin
