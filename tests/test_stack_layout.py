@@ -90,6 +90,16 @@ def test_stack_and_unstack_are_exact_inverses():
     layout.unstack(stored)  # already per layer: a layout mix-up, not a silent no-op
 
 
+def test_the_gradient_of_unstack_is_the_layers_gradients_stacked():
+  split = stack_layout.ARRAYS[1]
+  x = jnp.arange(24.0).reshape(3, 2, 4)
+  weights = jnp.arange(24.0).reshape(3, 2, 4) * 0.5 - 3.0
+  used = lambda x, layers: sum(jnp.sum(split(x, 3)[i] * weights[i]) for i in layers)  # noqa
+  np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: used(x, (0, 1, 2))))(x), weights)
+  want = weights.at[1].set(0.0)  # a layer the loss does not read gets a zero gradient
+  np.testing.assert_array_equal(jax.grad(lambda x: used(x, (0, 2)))(x), want)
+
+
 def test_an_odd_swin_stage_stays_per_layer():
   model = abstract_model(_micro("model.scan_layers=true", "model.swin.depths=(1,1,5,1)").model)
   layout = stack_layout.StackLayout.of(model)

@@ -20,6 +20,7 @@ A stack is only held stacked when its groups cover every child of its parent (an
 block, in no released depth, keeps the stage per layer).
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import jax
@@ -57,8 +58,30 @@ def _join_arrays(leaves):
   return jnp.stack(leaves)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _unstack(x, n):
+  """The n slices of x along its first axis. Its gradient stacks the slices' gradients (jax's
+  own would pad each to x's shape and add them): in the train step they are slices of the
+  scan's stacked gradient, and XLA folds a stack of slices back into the array it cut."""
+  return tuple(x[i] for i in range(n))
+
+
+def _unstack_fwd(x, n):
+  return _unstack(x, n), None
+
+
+def _unstack_bwd(n, _, cotangents):
+  del n
+  return (jnp.stack(cotangents),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
 def _split_arrays(x, n):
-  return [x[i] for i in range(n)]
+  if isinstance(x, np.ndarray):
+    return [x[i] for i in range(n)]
+  return list(_unstack(x, n))
 
 
 def _join_abstract(leaves):
