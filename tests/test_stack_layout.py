@@ -1,10 +1,10 @@
 """The scanned stacks held stacked in the train state (deris_jax/models/stack_layout.py).
 
 Unit checks on abstract models (where the stacks are, exact round trips, shardings, the rules
-that must treat every layer alike), then the training loop of a micro DeRIS whose stacks scan
-(2 BEiT-3 layers, 2 encoder layers, a Swin stage of 2 pairs): its losses and parameters equal
-the loop layout's run, a stop-and-resume equals the uninterrupted run, and its checkpoints hold
-one subtree per layer, as eval.py, the predictor and the converter read them.
+that must treat every layer alike), a checkpoint of a stacked state (one subtree per layer on
+disk, as eval.py, the predictor and the converter read it; restored exactly), then the
+training loop of a micro DeRIS whose stacks scan (2 BEiT-3 layers, 2 encoder layers, a Swin
+stage of 2 pairs), stopped and resumed: its losses and parameters equal the loop layout's run.
 """
 import pathlib
 
@@ -22,6 +22,7 @@ from deris_jax.config_loader import load_config
 from deris_jax.data import prepare
 from deris_jax.models import stack_layout
 from deris_jax.models.deris import abstract_model
+from deris_jax.train import checkpointing
 from deris_jax.train import loop
 from deris_jax.train import params as params_lib
 from deris_jax.train import state as state_lib
@@ -59,8 +60,7 @@ def test_the_released_model_holds_its_three_stacks_stacked():
   assert stacked[qkv].shape == (9,) + stored["swin.layers.2.blocks.1.attn.qkv.kernel"].shape
   assert not [n for n in stacked if ".layers.0." in n and n.startswith("beit3.encoder")]
   # Without the switch nothing is stacked: the state's layout is the stored one.
-  config.model.scan_layers = False
-  assert not _trainer(config).layout
+  assert not _trainer(_micro("model.scan_layers=false")).layout
 
 
 def test_stack_and_unstack_are_exact_inverses():
@@ -141,7 +141,34 @@ def test_a_rule_that_tells_the_layers_of_a_stack_apart_is_refused(field, value):
       _trainer(config)  # per layer, as before
 
 
-# The training loop on 8 devices: loop layout, scanned (stacked state), and a stop-and-resume.
+def test_a_checkpoint_holds_the_stacked_state_per_layer_and_restores_it_exactly(tmp_path):
+  config = _micro("model.scan_layers=true", "mesh.data=2", "mesh.fsdp=1")
+  trainer = _trainer(config, jax.devices()[:2])
+  stored = trainer.stored_abstract_state().params
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), stored)
+  state = state_lib.init_state(trainer, seed=0, params=params)
+  # Moments that differ per layer, so that a mixed-up layer would show.
+  state = state.replace(opt_state=jax.tree.map(
+      lambda x: x + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) if x.ndim else x,
+      state.opt_state))
+  ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+  ckpt.save(trainer.to_stored(state), config=config, data_position=dict(epoch=0, batch=0))
+  on_disk, _ = checkpoints.restore_params(tmp_path / "checkpoints")
+  assert sorted(trees.named_leaves(on_disk)) == sorted(trees.named_leaves(params))
+  np.testing.assert_array_equal(
+      trees.named_leaves(on_disk)["beit3.encoder.layers.1.ffn.A.fc1.kernel"],
+      params["beit3"]["encoder"]["layers"][1]["ffn"]["A"]["fc1"]["kernel"])
+  restored, _ = ckpt.restore(trainer)
+  ckpt.close()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(state),
+                               jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+    assert got.sharding == want.sharding, jax.tree_util.keystr(path)
+
+
+# The training loop on 8 devices: the loop layout, and the stacked state stopped and resumed.
 STEPS, STOP_AT = 4, 2
 
 
@@ -151,45 +178,32 @@ def runs(tmp_path_factory):
   data_dir = root / "tfds"
   prepare.prepare("synthetic", data_dir=str(data_dir), config="tiny")
 
-  def config(scan):
+  def config(scan, *overrides):
     return _micro(f"model.scan_layers={scan}", f"data.data_dir={data_dir}",
-                  f"train.max_steps={STEPS}", "train.checkpoint_every_steps=2",
-                  "train.eval_every_steps=4")
+                  f"train.max_steps={STEPS}", "train.checkpoint_every_steps=2", *overrides)
 
-  out = dict(root=root)
-  out["loop"] = loop.train(config("false"), root / "loop")
-  out["scan"] = loop.train(config("true"), root / "scan")
-  out["first"] = loop.train(config("true"), root / "resumed", stop_at_step=STOP_AT)
-  out["second"] = loop.train(config("true"), root / "resumed")
-  out["config"] = config("true")
-  return out
+  return dict(root=root,
+              loop=loop.train(config("false", "eval.train_splits=()"), root / "loop"),
+              first=loop.train(config("true", "train.eval_every_steps=4"), root / "scan",
+                               stop_at_step=STOP_AT),
+              second=loop.train(config("true", "train.eval_every_steps=4"), root / "scan"))
 
 
-def test_the_stacked_state_trains_as_the_loop_layout(runs):
-  loop_run, scan_run = runs["loop"], runs["scan"]
-  assert scan_run.steps_done == loop_run.steps_done == STEPS
-  np.testing.assert_allclose([scan_run.losses[s] for s in range(STEPS)],
+def test_the_stacked_state_trains_and_resumes_as_the_loop_layout(runs):
+  loop_run, first, second = runs["loop"], runs["first"], runs["second"]
+  assert loop_run.steps_done == second.steps_done == STEPS
+  assert first.steps_done == STOP_AT and second.resumed_from == STOP_AT
+  losses = {**first.losses, **second.losses}
+  np.testing.assert_allclose([losses[s] for s in range(STEPS)],
                              [loop_run.losses[s] for s in range(STEPS)], rtol=1e-4)
   ours, _ = checkpoints.restore_params(runs["root"] / "scan" / "checkpoints")
   theirs, _ = checkpoints.restore_params(runs["root"] / "loop" / "checkpoints")
   ours, theirs = trees.named_leaves(ours), trees.named_leaves(theirs)
   assert sorted(ours) == sorted(theirs)  # the checkpoint holds one subtree per layer
-  assert "beit3.encoder.layers.1.ffn.A.fc1.kernel" in ours
   for name, value in theirs.items():
     np.testing.assert_allclose(ours[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
-  # The evaluation inside training read the stacked params per layer.
-  assert scan_run.best["history"] and loop_run.best["history"]
-  np.testing.assert_allclose(scan_run.best["history"][-1]["value"],
-                             loop_run.best["history"][-1]["value"], atol=1e-3)
-
-
-def test_a_resumed_stacked_run_equals_the_uninterrupted_one(runs):
-  first, second, want = runs["first"], runs["second"], runs["scan"]
-  assert first.steps_done == STOP_AT and second.resumed_from == STOP_AT
-  losses = {**first.losses, **second.losses}
-  np.testing.assert_array_equal([losses[s] for s in range(STEPS)],
-                                [want.losses[s] for s in range(STEPS)])
-  ours, _ = checkpoints.restore_params(runs["root"] / "resumed" / "checkpoints")
-  theirs, _ = checkpoints.restore_params(runs["root"] / "scan" / "checkpoints")
-  for name, value in trees.named_leaves(theirs).items():
-    np.testing.assert_array_equal(trees.named_leaves(ours)[name], value, err_msg=name)
+  # The evaluation inside training read the stacked params per layer, and the best
+  # checkpoint holds them per layer too.
+  assert [h["step"] for h in second.best["history"]] == [STEPS]
+  best, _ = checkpoints.restore_params(runs["root"] / "scan" / "checkpoints" / "best")
+  assert sorted(trees.named_leaves(best)) == sorted(theirs)
