@@ -66,7 +66,9 @@ def draw_bits(stream: nnx.RngStream, shape: Sequence[int]) -> jax.Array:
   """uint32 bits of `shape` from the stream's key and counter; advances the counter."""
   count = stream.count[...]
   bits = hash_bits(stream.key[...], count, shape)
-  stream.count[...] = count + 1
+  # Not `stream.count[...] = ...`: flax then compares the new value's sharding with the old
+  # one's, and a tracer asked for its sharding builds an error message (~20 ms of tracing).
+  stream.count.set_value(count + 1)
   return bits
 
 
