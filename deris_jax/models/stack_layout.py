@@ -172,57 +172,56 @@ class StackLayout:
   def __bool__(self) -> bool:
     return bool(self.stacks)
 
+  def _rewrite(self, tree, children_of: Callable[[Stack, Mapping], Dict]):
+    """Each stack's parent dict replaced by `children_of(stack, its children)`, in every
+    params-shaped dict of `tree`; a tree without the stack (e.g. a frozen stack in the
+    optimizer's moments) keeps what it has."""
+    def rewrite(params: Mapping):
+      for stack in self.stacks:
+        children = _get(params, stack.parent)
+        if children:
+          params = _replace(params, stack.parent, children_of(stack, children))
+      return params
+
+    return _map_param_dicts(rewrite, tree)
+
   def stack(self, tree, leaves: Tuple[Join, Split] = ARRAYS):
     """Stored (per layer) -> stacked layout, for params-shaped dicts anywhere in `tree`."""
     join = leaves[0]
 
-    def stack_dict(params: Mapping):
-      for stack in self.stacks:
-        children = _get(params, stack.parent)
-        if not children:
-          continue  # not in this tree (e.g. a frozen stack in the optimizer's moments)
-        out = {k: v for k, v in children.items()
-               if not any(k in group for group in stack.groups)}
-        for g, group in enumerate(stack.groups):
-          missing = [i for i in group if i not in children]
-          if missing:
-            raise ValueError(f"stack {stack.name()}: layers {missing} are missing from the "
-                             f"tree (it holds {sorted(children)})")
-          members = [children[i] for i in group]
-          try:
-            out[group_key(g)] = jax.tree.map(lambda *xs: join(xs), *members)
-          except ValueError as e:
-            raise ValueError(f"stack {stack.name()}: its layers hold different parameters "
-                             f"({e})") from e
-        params = _replace(params, stack.parent, out)
-      return params
+    def stacked_children(stack: Stack, children: Mapping) -> Dict:
+      out = {k: v for k, v in children.items() if not any(k in group for group in stack.groups)}
+      for g, group in enumerate(stack.groups):
+        missing = [i for i in group if i not in children]
+        if missing:
+          raise ValueError(f"stack {stack.name()}: layers {missing} are missing from the "
+                           f"tree (it holds {sorted(children)})")
+        try:
+          out[group_key(g)] = jax.tree.map(lambda *xs: join(xs), *[children[i] for i in group])
+        except ValueError as e:
+          raise ValueError(f"stack {stack.name()}: its layers hold different parameters "
+                           f"({e})") from e
+      return out
 
-    return _map_param_dicts(stack_dict, tree)
+    return self._rewrite(tree, stacked_children)
 
   def unstack(self, tree, leaves: Tuple[Join, Split] = ARRAYS):
     """Stacked -> stored (per layer) layout; the inverse of `stack`."""
     split = leaves[1]
 
-    def unstack_dict(params: Mapping):
-      for stack in self.stacks:
-        children = _get(params, stack.parent)
-        if not children:
-          continue
-        out = {k: v for k, v in children.items()
-               if k not in {group_key(g) for g in range(len(stack.groups))}}
-        for g, group in enumerate(stack.groups):
-          if group_key(g) not in children:
-            raise ValueError(f"stack {stack.name()}: '{group_key(g)}' is missing from the "
-                             f"tree (it holds {sorted(map(str, children))})")
-          stacked = children[group_key(g)]
-          parts = jax.tree.map(lambda x: split(x, len(group)), stacked)
-          for j, index in enumerate(group):  # parts' leaves are lists of the layers' leaves
-            out[index] = jax.tree.map(lambda p: p[j], parts,
-                                      is_leaf=lambda p: isinstance(p, list))
-        params = _replace(params, stack.parent, dict(sorted(out.items())))
-      return params
+    def layer_children(stack: Stack, children: Mapping) -> Dict:
+      keys = [group_key(g) for g in range(len(stack.groups))]
+      out = {k: v for k, v in children.items() if k not in keys}
+      for key, group in zip(keys, stack.groups):
+        if key not in children:
+          raise ValueError(f"stack {stack.name()}: '{key}' is missing from the tree (it holds "
+                           f"{sorted(map(str, children))})")
+        parts = jax.tree.map(lambda x: split(x, len(group)), children[key])
+        for j, index in enumerate(group):  # parts' leaves are lists of the layers' leaves
+          out[index] = jax.tree.map(lambda p: p[j], parts, is_leaf=lambda p: isinstance(p, list))
+      return dict(sorted(out.items()))
 
-    return _map_param_dicts(unstack_dict, tree)
+    return self._rewrite(tree, layer_children)
 
   def stored_names(self, names: Sequence[str]) -> Dict[str, List[str]]:
     """{stacked name: its per-layer names} for dotted parameter names of the stored layout
