@@ -316,7 +316,7 @@ def bench_train(config, batches: List[int], args) -> Tuple[List[dict], Callable,
   trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=1000)
   stored = trainer.stored_abstract_state().params  # init_state takes one subtree per layer
   state = state_lib.init_state(trainer, config.train.seed, params=random_params(
-      stored, jax.tree.map(lambda a: a.sharding, stored)))
+      stored, trainer.stored_state_shardings().params))
   num_targets = config.data.max_instances if "data" in config else 1
   train_step = step_lib.jit_train_step(trainer)
   progress("train state with random parameters ready")

@@ -83,7 +83,7 @@ class Checkpointer:
     if step is None:
       raise checkpoints.CheckpointError(f"{self.directory} holds no checkpoint")
     abstract = trainer.stored_abstract_state()  # checkpoints hold one subtree per layer
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    shardings = trainer.stored_state_shardings()
     opt_abs = _with_shardings(abstract.opt_state, shardings.opt_state)
     train_abs = dict(step=jax.ShapeDtypeStruct((), abstract.step.dtype, sharding=shardings.step),
                      rng=jax.ShapeDtypeStruct(abstract.rng.shape, abstract.rng.dtype,

@@ -141,11 +141,11 @@ def _evaluate(state, trainer, config, step, report,
   """`deris_jax.evaluation.evaluate_params` on every split of `config.eval.train_splits` at
   tau `config.eval.train_score_threshold`."""
   results = {}
+  params = trainer.stored_params(state.params)  # one subtree per layer, once for every split
   for split in settings.splits:
     with jax.transfer_guard("allow"):
-      results[split] = evaluation.evaluate_params(trainer.graphdef,
-                                                  trainer.stored_params(state.params), config,
-                                                  split, mesh=trainer.mesh,
+      results[split] = evaluation.evaluate_params(trainer.graphdef, params, config, split,
+                                                  mesh=trainer.mesh,
                                                   score_threshold=settings.score_threshold)
     metrics = dict(results[split]["metrics"], **results[split].get("extra_metrics", {}))
     report.eval_line(step, split, metrics, results[split]["score_threshold"])

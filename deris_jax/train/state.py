@@ -75,6 +75,10 @@ class Trainer:
     checkpoints hold."""
     return self.layout.unstack(self.sharded_abstract_state(), stack_layout.ABSTRACT)
 
+  def stored_state_shardings(self) -> TrainState:
+    """`state_shardings` in the stored layout (one subtree per layer)."""
+    return self.layout.unstack(self.state_shardings, stack_layout.SHARDINGS)
+
   def stored_params(self, params):
     """Parameters of the state's layout (arrays or ShapeDtypeStructs) -> the stored layout
     the model, eval and checkpoints take (one subtree per layer)."""
@@ -95,11 +99,10 @@ class Trainer:
 
   def _convert(self, what: str, tree):
     if what not in self._conversions:
-      stored = self.stored_abstract_state()
+      stored = self.stored_state_shardings()
       programs = {  # what -> (function, its output's shardings)
-          "params to stored": (self.layout.unstack, jax.tree.map(
-              lambda a: a.sharding, stored.params)),
-          "state to stored": (self.layout.unstack, jax.tree.map(lambda a: a.sharding, stored)),
+          "params to stored": (self.layout.unstack, stored.params),
+          "state to stored": (self.layout.unstack, stored),
           "state from stored": (self.layout.stack, self.state_shardings)}
       fn, out_shardings = programs[what]
       self._conversions[what] = jax.jit(fn, out_shardings=out_shardings)
@@ -225,9 +228,8 @@ def fresh_params(trainer: Trainer, seed: int) -> Any:
     model = deris_model.build_model(trainer.config.model, seed)
     return jax.tree.map(np.asarray, params_lib.model_params(model))
   init_key, _ = keys_from_seed(seed)
-  stored = trainer.stored_abstract_state().params
   return jax.jit(init_params_fn(trainer.config.model),
-                 out_shardings=jax.tree.map(lambda a: a.sharding, stored))(init_key)
+                 out_shardings=trainer.stored_state_shardings().params)(init_key)
 
 
 def init_state(trainer: Trainer, seed: int, params: Optional[Any] = None) -> TrainState:
@@ -244,8 +246,7 @@ def init_state(trainer: Trainer, seed: int, params: Optional[Any] = None) -> Tra
   train_key_data = jax.random.key_data(train_key)
   if params is None:
     params = fresh_params(trainer, seed)
-  stored = trainer.stored_abstract_state().params
-  params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, stored))
+  params = jax.device_put(params, trainer.stored_state_shardings().params)
   fn = lambda p, t, spe: _state_from(  # noqa: E731
       trainer, trainer.layout.stack(p), jax.random.wrap_key_data(t), spe)
   return jax.jit(fn, out_shardings=trainer.state_shardings)(params, train_key_data,
