@@ -12,7 +12,7 @@ import dataclasses
 import json
 import pathlib
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import jax
 import ml_collections
@@ -132,8 +132,11 @@ def model_inputs(inputs: Dict[str, np.ndarray], sl=slice(None)) -> Dict[str, np.
               text_padding_mask=inputs["text_padding_mask"][sl].astype(bool))  # (B, L)
 
 
-def run_with_taps(model, inputs, sl=slice(None)) -> Dict[str, np.ndarray]:
-  """Runs the (eval-mode) forward under jit and returns every tap as numpy."""
+def run_with_taps(model, inputs, *slices: slice
+                  ) -> Union[Dict[str, np.ndarray], List[Dict[str, np.ndarray]]]:
+  """Runs the (eval-mode) forward under jit and returns every tap as numpy; given `slices`
+  of the batch, a list of such dicts, one per slice (one jitted program: slices of one size
+  share its compilation)."""
   graphdef, params = nnx.split(model)
 
   @jax.jit
@@ -142,7 +145,9 @@ def run_with_taps(model, inputs, sl=slice(None)) -> Dict[str, np.ndarray]:
     forward.apply(graphdef, params, batch, taps=taps)
     return taps
 
-  return jax.tree_util.tree_map(np.asarray, run(params, model_inputs(inputs, sl)))
+  outputs = [jax.tree_util.tree_map(np.asarray, run(params, model_inputs(inputs, sl)))
+             for sl in (slices or (slice(None),))]
+  return outputs if slices else outputs[0]
 
 
 def postprocess(taps: Dict[str, np.ndarray], image_hw, score_threshold: float,
@@ -237,8 +242,9 @@ def run_parity(fixture: Fixture, only: Optional[str] = None, model_config=None
   post = fixture.config_json.get("post_params", {})
   ours.update(postprocess(ours, fixture.config_json["perception_image_hw"],
                           post.get("score_threshold", 0.9), post.get("mask_threshold", 0.5)))
-  for b in range(batch):  # each sample alone: the batch-axis attention quirk becomes a no-op
-    single = run_with_taps(model, fixture.inputs, slice(b, b + 1))
+  # Each sample alone: the batch-axis attention quirk becomes a no-op.
+  singles = run_with_taps(model, fixture.inputs, *(slice(b, b + 1) for b in range(batch)))
+  for b, single in enumerate(singles):
     ours.update({f"batch1.sample{b}.{k}": v for k, v in single.items()})
   ours.update(_loss_outputs(fixture, ours))
 
