@@ -237,13 +237,13 @@ def run_parity(fixture: Fixture, only: Optional[str] = None, model_config=None
   `model_config`, e.g. with a switch turned on). Returns (comparisons, skipped key notes)."""
   model = build_converted_model(fixture, model_config)
   batch = fixture.inputs["perception_image"].shape[0]
-  ours = run_with_taps(model, fixture.inputs)
+  # The batch, then each sample alone (the batch-axis attention quirk becomes a no-op).
+  ours, *singles = run_with_taps(model, fixture.inputs, slice(None),
+                                 *(slice(b, b + 1) for b in range(batch)))
   ours.update(_encoder_metadata(ours))
   post = fixture.config_json.get("post_params", {})
   ours.update(postprocess(ours, fixture.config_json["perception_image_hw"],
                           post.get("score_threshold", 0.9), post.get("mask_threshold", 0.5)))
-  # Each sample alone: the batch-axis attention quirk becomes a no-op.
-  singles = run_with_taps(model, fixture.inputs, *(slice(b, b + 1) for b in range(batch)))
   for b, single in enumerate(singles):
     ours.update({f"batch1.sample{b}.{k}": v for k, v in single.items()})
   ours.update(_loss_outputs(fixture, ours))
