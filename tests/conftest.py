@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 
+from deris_jax import cli  # noqa: E402
 from tests import eval_helpers  # noqa: E402
 from tests import fixture_values  # noqa: E402
 from tests.jax_caches import fresh_jax_cache  # noqa: E402
@@ -35,7 +36,8 @@ FIXTURES = fixture_values.FIXTURES  # $DERIS_FIXTURES, default ../shared/fixture
 # is written, however short its compile: the suite compiles the same small programs in both
 # workers, in the commands it starts and in tests that jit afresh, and reading them back costs
 # less than compiling them (clean runs on 2 cores, measured 2026-12-06: 8 min 40 s with the
-# programs that compile in under 1 s left out, 7 min 57 s with all of them written).
+# programs that compile in under 1 s left out, 7 min 57 s with all of them written and
+# parity's single-sample forwards sharing one program).
 _cache_dir = os.environ.setdefault("DERIS_JAX_CACHE", str(ROOT / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -80,6 +82,14 @@ def pytest_collection_modifyitems(items):
   """The files of LONGEST_FILES_FIRST first, in that order; the rest keep collection order."""
   rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
+def pytest_collection_finish(session):
+  """Python's collector tuned as the commands tune it (`cli.tune_gc`), once every test module
+  is imported: tracing the tests' programs sets off far fewer full collections of a heap that
+  holds TensorFlow, JAX and the compiled programs."""
+  del session
+  cli.tune_gc()
 
 
 @pytest.fixture
