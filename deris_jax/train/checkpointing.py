@@ -35,11 +35,6 @@ OPT_STATE, TRAIN = "opt_state", "train"
 PYTREE_ITEMS = (checkpoints.PARAMS, OPT_STATE, TRAIN)
 
 
-def _with_shardings(abstract_tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_tree, shardings)
-
-
 class Checkpointer:
   """Periodic, keep-N, optionally asynchronous train checkpoints in `directory`, and the best
   one in `directory/best` (`save_best`, synchronous)."""
@@ -82,17 +77,13 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise checkpoints.CheckpointError(f"{self.directory} holds no checkpoint")
-    abstract = trainer.stored_abstract_state()  # checkpoints hold one subtree per layer
-    shardings = trainer.stored_state_shardings()
-    opt_abs = _with_shardings(abstract.opt_state, shardings.opt_state)
-    train_abs = dict(step=jax.ShapeDtypeStruct((), abstract.step.dtype, sharding=shardings.step),
-                     rng=jax.ShapeDtypeStruct(abstract.rng.shape, abstract.rng.dtype,
-                                              sharding=shardings.rng))
+    # One subtree per layer, as checkpoints hold it; every leaf carries its sharding.
+    abstract = trainer.stored_abstract_state()
     args = ocp.args.Composite(**{
-        checkpoints.PARAMS: checkpoints.restore_args(
-            _with_shardings(abstract.params, shardings.params)),
-        OPT_STATE: checkpoints.restore_args(trees.unflatten(trees.named_leaves(opt_abs))),
-        TRAIN: checkpoints.restore_args(train_abs),
+        checkpoints.PARAMS: checkpoints.restore_args(abstract.params),
+        OPT_STATE: checkpoints.restore_args(
+            trees.unflatten(trees.named_leaves(abstract.opt_state))),
+        TRAIN: checkpoints.restore_args(dict(step=abstract.step, rng=abstract.rng)),
         checkpoints.META: ocp.args.JsonRestore()})
     try:
       with jax.transfer_guard("allow"):
@@ -105,10 +96,10 @@ class Checkpointer:
           "written by another model or optimizer config?") from e
     state = TrainState(step=restored[TRAIN]["step"], params=restored[checkpoints.PARAMS],
                        opt_state=opt_state, rng=restored[TRAIN]["rng"],
-                       first_nonfinite_step=jax.device_put(np.int32(-1),
-                                                        shardings.first_nonfinite_step),
+                       first_nonfinite_step=jax.device_put(
+                           np.int32(-1), abstract.first_nonfinite_step.sharding),
                        steps_per_epoch=jax.device_put(np.int32(trainer.steps_per_epoch),
-                                                      shardings.steps_per_epoch))
+                                                      abstract.steps_per_epoch.sharding))
     return trainer.from_stored(state), dict(restored[checkpoints.META])
 
   def wait(self) -> None:
