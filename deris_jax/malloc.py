@@ -18,12 +18,14 @@ Child processes inherit it. `DERIS_JAX_MALLOC` chooses:
   off             never re-execute
   /path/lib.so    that library (an error names the path when it is not a file)
 
+A parent that only starts workers (pytest's xdist controller, tests/conftest.py) calls
+`preload_for_children()` instead: the processes it starts load the allocator from their start.
 Linux only (elsewhere a no-op). `active()` names the allocator in use; bench.py and
 benchmarks/compile_time print it (`describe()`) beside their figures.
 """
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 ENV = "DERIS_JAX_MALLOC"
 REEXEC_ENV = "_DERIS_JAX_MALLOC_PRELOADED"  # set in the re-executed process: never twice
@@ -83,18 +85,40 @@ def describe() -> str:
   return active() or "of the C library"
 
 
-def reexec_with_fast_malloc() -> None:
-  """Replaces this process with itself plus a faster malloc, once; returns when that is off,
-  not on Linux, already done, an allocator is already loaded, or none is installed."""
+def preloaded_environ() -> Optional[Dict[str, str]]:
+  """This process's environment with the allocator `$DERIS_JAX_MALLOC` picks preloaded, for a
+  process to start with; None when that is off, not on Linux, already done, an allocator is
+  already loaded, or none is installed."""
   if not sys.platform.startswith("linux") or os.environ.get(REEXEC_ENV):
-    return
+    return None
   library = find(os.environ.get(ENV, "auto"), search_dirs())
   if library is None or active() is not None:
-    return
+    return None
   preload = [library] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
   env = dict(os.environ, LD_PRELOAD=":".join(preload), **{REEXEC_ENV: library})
   # tcmalloc reports every allocation above 1 GiB on stderr unless told otherwise.
   env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+  return env
+
+
+def reexec_with_fast_malloc() -> None:
+  """Replaces this process with itself plus a faster malloc, once; returns when that is off,
+  not on Linux, already done, an allocator is already loaded, or none is installed."""
+  env = preloaded_environ()
+  if env is None:
+    return
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + list(sys.orig_argv[1:]), env)
+
+
+def preload_for_children() -> Optional[str]:
+  """Makes the processes this one starts from now on load the faster malloc (`LD_PRELOAD` in
+  `os.environ`); this process keeps the allocator it has. For a parent that only starts
+  workers, e.g. pytest's xdist controller (tests/conftest.py). Returns the library, or None
+  where `reexec_with_fast_malloc` would not re-execute."""
+  env = preloaded_environ()
+  if env is None:
+    return None
+  os.environ.update(env)
+  return env[REEXEC_ENV]

@@ -16,6 +16,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The xdist workers (started after this file is imported) and the commands tests start load
+# tcmalloc where it is installed, as the commands do (deris_jax/malloc.py): the suite is mostly
+# XLA compiles, which spend a good part of their time in malloc. This process keeps its own
+# allocator (with `-n 0` the tests run in it, without tcmalloc unless the user preloads it).
+from deris_jax import malloc  # noqa: E402
+
+malloc.preload_for_children()
+
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402

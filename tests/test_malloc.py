@@ -100,6 +100,28 @@ def test_no_reexecution(case, tmp_path, monkeypatch, execve_calls):
   assert execve_calls == []
 
 
+def test_preload_for_children_puts_the_library_in_this_process_environment(
+    tmp_path, monkeypatch, execve_calls):
+  library = _touch(tmp_path, "libtcmalloc_minimal.so.4")
+  monkeypatch.setenv(malloc.ENV, library)
+  monkeypatch.setattr(malloc, "active", lambda: None)
+  monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libother.so")
+  monkeypatch.delenv("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", raising=False)
+  assert malloc.preload_for_children() == library
+  assert execve_calls == []  # this process goes on as it is
+  assert os.environ["LD_PRELOAD"] == f"{library}:/usr/lib/libother.so"
+  assert os.environ[malloc.REEXEC_ENV] == library  # a child does not re-execute again
+  assert os.environ["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == str(1 << 40)
+
+
+def test_preload_for_children_changes_nothing_where_none_is_wanted(
+    tmp_path, monkeypatch, execve_calls):
+  monkeypatch.setenv(malloc.ENV, "off")
+  before = dict(os.environ)
+  assert malloc.preload_for_children() is None
+  assert dict(os.environ) == before
+
+
 _CHILD = """
 import json, os, sys
 with open(sys.argv[1], "a") as log:
@@ -138,6 +160,28 @@ def test_a_real_process_restarts_once_with_its_arguments_and_input(setting, tmp_
     assert out["preload"] == libm and out["active"] == os.path.basename(libm)
   else:
     assert len(pids) == 1 and out["preload"] is None and out["active"] is None
+
+
+_PARENT = """
+import os, subprocess, sys
+from deris_jax import malloc
+print(malloc.preload_for_children(), flush=True)
+subprocess.run([sys.executable, "-c", "import os; from deris_jax import malloc; "
+                "print(os.environ['LD_PRELOAD'], malloc.active())"], check=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_a_child_started_after_preload_for_children_runs_with_the_library():
+  libm = _libm()
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", malloc.REEXEC_ENV)}
+  env.update({malloc.ENV: libm, "PYTHONPATH": str(ROOT)})
+  done = subprocess.run([sys.executable, "-c", _PARENT], env=env, capture_output=True,
+                        text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  parent, child = done.stdout.splitlines()
+  assert parent == libm
+  assert child == f"{libm} {os.path.basename(libm)}"  # started with it preloaded
 
 
 @pytest.mark.parametrize("script", COMMANDS)
