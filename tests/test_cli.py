@@ -156,6 +156,8 @@ def test_tune_gc_freezes_the_live_heap_and_spaces_young_collections():
     assert gc.get_threshold() == (cli.YOUNG_GC_THRESHOLD,) + before_threshold[1:]
   finally:
     gc.unfreeze()
+    if before_count:  # conftest froze the worker's heap (cli.tune_gc): freeze it again
+      gc.freeze()
     gc.set_threshold(*before_threshold)
 
 
