@@ -28,7 +28,7 @@ import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 ENV = "DERIS_JAX_MALLOC"
-REEXEC_ENV = "_DERIS_JAX_MALLOC_PRELOADED"  # set in the re-executed process: never twice
+REEXEC_ENV = "_DERIS_JAX_MALLOC_PRELOADED"  # set where it is preloaded: never twice
 
 # In order of preference (measured: tcmalloc compiled and stepped fastest, BENCHMARKS.md).
 CANDIDATES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2",
