@@ -5,8 +5,8 @@ configs/deris_l_grefcoco.py). The parsed config (overrides applied) is checked o
 (`deris_jax.config_check`: values two sections share must agree) before anything else runs.
 
 With no arguments it runs the embedded default job: a small DeRIS on the synthetic shapes
-dataset (prepared on first use, no download), which learns in about ten minutes on a
-2-core CPU and prints its mIoU / gIoU. A workdir that already holds a checkpoint resumes
+dataset (prepared on first use, no download), which learns in three to four minutes on
+a 2-core CPU and prints its mIoU / gIoU. A workdir that already holds a checkpoint resumes
 exactly where it stopped. `--init_from DIR` starts from the parameters of a checkpoint
 (converted official weights, or another run) with a fresh optimizer.
 
