@@ -1,11 +1,11 @@
 """The embedded default job: a small DeRIS that learns the synthetic shapes set on a CPU.
 
 `python train.py` (no arguments) runs it: the dataset (64x64 coloured shapes, expressions
-with 0, 1 or several referents) is prepared on first use, training takes three to four minutes on
-a 2-core CPU including compilation (with tcmalloc; BENCHMARKS.md). As the official training, it evaluates the val split after
-every epoch (the last one is the final evaluation: gIoU, cIoU, N-acc, ...) and keeps the
-epoch of the highest val cIoU (the official gRefCOCO key metric) in
-workdir/synthetic/checkpoints/best; the test split is for eval.py.
+with 0, 1 or several referents) is prepared on first use, training takes three to four
+minutes on a 2-core CPU including compilation (with tcmalloc; BENCHMARKS.md). As the official
+training, it evaluates the val split after every epoch (the last one is the final evaluation:
+gIoU, cIoU, N-acc, ...) and keeps the epoch of the highest val cIoU (the official gRefCOCO key
+metric) in workdir/synthetic/checkpoints/best; the test split is for eval.py.
 
 What differs from the released recipes, and why:
   - sizes: hidden 64, small Swin and BEiT-3, 64x64 inputs (the architecture is unchanged)
